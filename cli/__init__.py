@@ -1,0 +1,1 @@
+"""The ppkit command-line interface (Typer)."""

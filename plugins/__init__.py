@@ -1,0 +1,1 @@
+"""Built-in pruning strategies (registered through the `ppkit` entry-point group)."""

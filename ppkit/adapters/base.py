@@ -1,0 +1,104 @@
+"""The architecture-adapter interface: the only place that knows a model family's module names.
+
+Everything else in ppkit asks an adapter: how many layers, heads, neurons; which module's *input*
+carries the merged per-head context (the input of the attention output projection) and which one
+carries the FFN activations (the input of the FFN down projection); how to slice a layer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes of a (possibly pruned) transformer stack.
+
+    ``num_heads`` / ``ffn_dim`` are the dense per-layer sizes a plan indexes into;
+    ``heads_per_layer`` / ``neurons_per_layer`` are what the model has now.
+    """
+
+    family: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    ffn_dim: int
+    heads_per_layer: tuple[int, ...]
+    neurons_per_layer: tuple[int, ...]
+    max_positions: int
+    is_causal: bool
+
+    @property
+    def is_dense(self) -> bool:
+        return all(h == self.num_heads for h in self.heads_per_layer) and all(
+            n == self.ffn_dim for n in self.neurons_per_layer
+        )
+
+
+class ArchitectureAdapter(ABC):
+    """Answers structural questions about one model instance of a supported family."""
+
+    #: short family name recorded in plans and saved configs ("bert", "gpt2")
+    family: str = ""
+    #: human-readable list of supported classes, for error messages
+    supported_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True when this adapter understands ``model``."""
+
+    @abstractmethod
+    def shape(self) -> ModelShape:
+        """Current sizes of the model's transformer stack."""
+
+    @abstractmethod
+    def head_context_module(self, layer: int) -> nn.Module:
+        """Module whose forward *input* is the merged per-head context [batch, seq, heads*head_dim]
+        (the input of the attention output projection; head h is columns h*head_dim:(h+1)*head_dim)."""
+
+    @abstractmethod
+    def ffn_activation_module(self, layer: int) -> nn.Module:
+        """Module whose forward *input* is the FFN activation after the nonlinearity [batch, seq, neurons]
+        (the input of the FFN down projection)."""
+
+    @abstractmethod
+    def attention_output_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention output projection as (W [heads*head_dim, hidden], b [hidden]) so that out = x @ W + b.
+        Returned tensors are views of the parameters when possible (GPT-2 Conv1D) or transposes (BERT Linear)."""
+
+    @abstractmethod
+    def ffn_output_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FFN down projection as (W [neurons, hidden], b [hidden]) so that out = a @ W + b."""
+
+    @abstractmethod
+    def set_attention_output(self, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Overwrite the attention output projection with W [heads*head_dim, hidden] and b [hidden]."""
+
+    @abstractmethod
+    def set_ffn_output(self, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Overwrite the FFN down projection with W [neurons, hidden] and b [hidden]."""
+
+    @abstractmethod
+    def prune_layer(self, layer: int, heads: Sequence[int], neurons: Sequence[int]) -> None:
+        """Physically keep only ``heads`` and ``neurons`` (indices into the layer's *current* heads/neurons).
+        Zero heads or zero neurons must work: the sublayer then adds only its output bias."""
+
+    def dummy_inputs(self, batch: int = 2, seq: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Small random inputs for parity checks and export tracing."""
+        gen = torch.Generator().manual_seed(seed)
+        vocab = int(getattr(self.model.config, "vocab_size", 100))
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        if batch > 1 and seq > 2:
+            mask[-1, -(seq // 3):] = 0  # one padded row, so padding paths are exercised
+        return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,373 @@
+"""Module structure of P-pruned BERT and GPT-2 models (self-contained: imports only torch and transformers).
+
+This file is the single place that builds pruned module structure. ppkit's surgery calls
+:func:`resize_bert_layer` / :func:`resize_gpt2_block` before copying the kept weights in, and every
+saved pruned directory gets a copy of this file as ``modeling_ppkit.py``, referenced from
+``config.json`` ``auto_map``, so ``AutoModel*.from_pretrained(dir, trust_remote_code=True)`` rebuilds
+the same structure where ppkit is not installed. It must therefore never import ppkit, and must
+have no relative imports (transformers' dynamic-module loader would try to copy them).
+
+A pruned layer keeps the transformers module classes; only the projection sizes change
+(``num_heads * head_dim`` attention width, ``neurons`` FFN width) and the per-layer sizes are read
+from ``config.ppkit_heads_per_layer`` / ``config.ppkit_neurons_per_layer``. ``config`` itself keeps
+the dense sizes. Two cases need their own classes: an attention block with zero heads (the
+transformers attention reshapes with ``-1`` heads, which is ambiguous for an empty tensor) and a
+GPT-2 ``Conv1D`` with zero inputs (its ``view(-1, 0)`` fails the same way). Either sublayer then adds
+exactly its output bias, which is what the masked dense model computes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+    GPT2ForQuestionAnswering,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+from transformers.pytorch_utils import Conv1D
+
+__all__ = [
+    "EmptyBertSelfAttention",
+    "EmptyGPT2Attention",
+    "ZeroInputConv1D",
+    "resize_bert_layer",
+    "resize_gpt2_block",
+    "shrink_to_shape",
+    "PPKIT_CLASSES",
+    "AUTO_MAP",
+]
+
+
+# --------------------------------------------------------------------------- building blocks
+class ZeroInputConv1D(Conv1D):
+    """A transformers ``Conv1D`` that also works with zero input features (then it returns its bias).
+
+    ``Conv1D.forward`` flattens with ``view(-1, nx)``, which is ambiguous for an empty tensor; the
+    explicit row count here computes the same ``addmm`` for every input width.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = 1
+        for size in x.shape[:-1]:
+            rows *= int(size)
+        out = torch.addmm(self.bias, x.reshape(rows, x.shape[-1]), self.weight)
+        return out.view(*x.shape[:-1], self.nf)
+
+
+def _cache_placeholder(hidden_states: torch.Tensor) -> torch.Tensor:
+    # A layer without heads has nothing to cache, but the cache must still advance by the same
+    # number of positions as the other layers. An empty [B, 0, T, dh] tensor is not enough:
+    # DynamicLayer.get_seq_length() returns 0 when keys.numel() == 0 (and a static cache looks for
+    # non-zero entries), so store a one-channel tensor of ones instead.
+    batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+    return hidden_states.new_ones(batch, 1, seq, 1)
+
+
+def _update_cache(past_key_values, layer_idx: int | None, hidden_states: torch.Tensor) -> int:
+    """Advance the cache of an attention layer without heads; return the key length after the update."""
+    seq = int(hidden_states.shape[1])
+    if past_key_values is None:
+        return seq
+    cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
+    placeholder = _cache_placeholder(hidden_states)
+    keys, _ = cache.update(placeholder, placeholder, layer_idx)
+    return int(keys.shape[-2])
+
+
+class EmptyBertSelfAttention(BertSelfAttention):
+    """BERT self-attention with zero heads: returns an empty context [batch, seq, 0].
+
+    Subclasses ``BertSelfAttention`` (without its projections) so transformers' output recording and
+    weight initialisation treat it like the module it replaces. The following ``attention.output.dense``
+    is ``Linear(0, hidden)``, i.e. it adds only its bias.
+    """
+
+    def __init__(self, config, is_causal: bool = False, layer_idx: int | None = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.num_attention_heads = 0
+        self.attention_head_size = int(config.hidden_size / config.num_attention_heads)
+        self.all_head_size = 0
+        self.scaling = self.attention_head_size**-0.5
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+        self.is_decoder = config.is_decoder
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, **kwargs):
+        key_len = _update_cache(past_key_values, self.layer_idx, hidden_states)
+        batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+        context = hidden_states.new_zeros(batch, seq, 0)
+        weights = hidden_states.new_zeros(batch, 0, seq, key_len)
+        return context, weights
+
+
+class EmptyGPT2Attention(GPT2Attention):
+    """GPT-2 attention with zero heads: the output is ``c_proj`` of an empty context, i.e. its bias.
+
+    The KV cache is still advanced (see ``_cache_placeholder``) so ``generate`` with a cache keeps
+    the right positions and masks in every layer.
+    """
+
+    def __init__(self, config, layer_idx: int | None = None) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = 0
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.split_size = 0
+        self.scale_attn_weights = config.scale_attn_weights
+        self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
+        self.is_cross_attention = False
+        self.layer_idx = layer_idx
+        self.scaling = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        self.c_proj = ZeroInputConv1D(self.embed_dim, 0)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.is_causal = True
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None, **kwargs):
+        if encoder_hidden_states is not None:
+            raise ValueError("pruned GPT-2 models do not support cross-attention")
+        key_len = _update_cache(past_key_values, self.layer_idx, hidden_states)
+        batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+        output = self.resid_dropout(self.c_proj(hidden_states.new_zeros(batch, seq, 0)))
+        weights = hidden_states.new_zeros(batch, 0, seq, key_len)
+        return output, weights
+
+
+def _linear(n_in: int, n_out: int, like: torch.Tensor) -> nn.Linear:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        return nn.Linear(n_in, n_out, device=like.device, dtype=like.dtype)
+
+
+def _conv1d(n_out: int, n_in: int, like: torch.Tensor) -> Conv1D:
+    cls = ZeroInputConv1D if n_in == 0 else Conv1D
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+        with torch.device(like.device):
+            module = cls(n_out, n_in)
+    return module.to(dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------- resizing one layer
+def bert_layer_sizes(layer: nn.Module, head_dim: int) -> tuple[int, int]:
+    """(heads, neurons) a ``BertLayer`` has now."""
+    return layer.attention.output.dense.in_features // head_dim, layer.intermediate.dense.out_features
+
+
+def gpt2_block_sizes(block: nn.Module, head_dim: int) -> tuple[int, int]:
+    """(heads, neurons) a ``GPT2Block`` has now."""
+    return block.attn.c_proj.weight.shape[0] // head_dim, block.mlp.c_fc.weight.shape[1]
+
+
+def resize_bert_layer(layer: nn.Module, config, num_heads: int, num_neurons: int) -> None:
+    """Rebuild the projections of one ``BertLayer`` for ``num_heads`` heads and ``num_neurons`` neurons.
+
+    Only sublayers whose size changes are rebuilt; new weights are freshly initialised (the caller
+    copies the kept weights in, or ``from_pretrained`` loads them). Dtype and device follow the
+    existing weights, so this also works on the meta device used while loading.
+    """
+    hidden = config.hidden_size
+    head_dim = hidden // config.num_attention_heads
+    cur_heads, cur_neurons = bert_layer_sizes(layer, head_dim)
+    attention = layer.attention
+    like = attention.output.dense.weight
+    if num_heads != cur_heads:
+        old = attention.self
+        is_causal, layer_idx = getattr(old, "is_causal", False), getattr(old, "layer_idx", None)
+        if num_heads == 0:
+            attention.self = EmptyBertSelfAttention(config, is_causal=is_causal, layer_idx=layer_idx)
+        else:
+            if isinstance(old, EmptyBertSelfAttention):
+                raise ValueError("cannot grow an attention block that has no heads")
+            width = num_heads * head_dim
+            old.query, old.key, old.value = (_linear(hidden, width, like) for _ in range(3))
+            old.num_attention_heads = num_heads
+            old.all_head_size = width
+        attention.output.dense = _linear(num_heads * head_dim, hidden, like)
+    if num_neurons != cur_neurons:
+        layer.intermediate.dense = _linear(hidden, num_neurons, like)
+        layer.output.dense = _linear(num_neurons, hidden, like)
+
+
+def resize_gpt2_block(block: nn.Module, config, num_heads: int, num_neurons: int) -> None:
+    """Rebuild the projections of one ``GPT2Block`` for ``num_heads`` heads and ``num_neurons`` neurons.
+
+    With k heads the fused ``c_attn`` is ``Conv1D(3*k*head_dim, hidden)`` (q, k, v blocks of width
+    k*head_dim), ``split_size`` is ``k*head_dim`` and ``num_heads`` is k; ``embed_dim`` stays the
+    residual width (it is only the output size of ``c_proj``). ``head_dim`` and the attention scaling
+    are unchanged.
+    """
+    hidden = config.hidden_size
+    head_dim = hidden // config.num_attention_heads
+    cur_heads, cur_neurons = gpt2_block_sizes(block, head_dim)
+    like = block.attn.c_proj.weight
+    if num_heads != cur_heads:
+        if num_heads == 0:
+            block.attn = EmptyGPT2Attention(config, layer_idx=block.attn.layer_idx)
+        else:
+            attn = block.attn
+            if isinstance(attn, EmptyGPT2Attention):
+                raise ValueError("cannot grow an attention block that has no heads")
+            width = num_heads * head_dim
+            attn.c_attn = _conv1d(3 * width, hidden, like)
+            attn.c_proj = _conv1d(hidden, width, like)
+            attn.num_heads = num_heads
+            attn.split_size = width
+    if num_neurons != cur_neurons:
+        block.mlp.c_fc = _conv1d(num_neurons, hidden, like)
+        block.mlp.c_proj = _conv1d(hidden, num_neurons, like)
+
+
+def _stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    base = getattr(model, "base_model", model)
+    if isinstance(base, BertModel):
+        return "bert", base.encoder.layer
+    if isinstance(base, GPT2Model):
+        return "gpt2", base.h
+    raise TypeError(f"{type(model).__name__} is neither a BERT nor a GPT-2 model")
+
+
+def shrink_to_shape(model: nn.Module, heads_per_layer: Sequence[int], neurons_per_layer: Sequence[int]) -> nn.Module:
+    """Rebuild every layer of a BERT / GPT-2 model to the given per-layer head and neuron counts.
+
+    New weights are randomly initialised; this gives the module structure a checkpoint of a pruned
+    model is loaded into. Returns ``model``.
+    """
+    family, layers = _stack(model)
+    if len(heads_per_layer) != len(layers) or len(neurons_per_layer) != len(layers):
+        raise ValueError(
+            f"model has {len(layers)} layers but ppkit_heads_per_layer/ppkit_neurons_per_layer have "
+            f"{len(heads_per_layer)}/{len(neurons_per_layer)} entries"
+        )
+    resize = resize_bert_layer if family == "bert" else resize_gpt2_block
+    for layer, heads, neurons in zip(layers, heads_per_layer, neurons_per_layer):
+        resize(layer, model.config, int(heads), int(neurons))
+    return model
+
+
+def _apply_config_shape(model: nn.Module) -> None:
+    heads = getattr(model.config, "ppkit_heads_per_layer", None)
+    neurons = getattr(model.config, "ppkit_neurons_per_layer", None)
+    if heads is not None and neurons is not None:
+        shrink_to_shape(model, heads, neurons)
+
+
+# --------------------------------------------------------------------------- model classes
+class PpkitBertModel(BertModel):
+    """``BertModel`` with the per-layer sizes of ``config.ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer``."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitBertForSequenceClassification(BertForSequenceClassification):
+    """Pruned ``BertForSequenceClassification`` (sizes from the config)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitBertForQuestionAnswering(BertForQuestionAnswering):
+    """Pruned ``BertForQuestionAnswering`` (sizes from the config)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitBertForMaskedLM(BertForMaskedLM):
+    """Pruned ``BertForMaskedLM`` (sizes from the config)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitBertForTokenClassification(BertForTokenClassification):
+    """Pruned ``BertForTokenClassification`` (sizes from the config)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitGPT2Model(GPT2Model):
+    """``GPT2Model`` with the per-layer sizes of ``config.ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer``."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitGPT2LMHeadModel(GPT2LMHeadModel):
+    """Pruned ``GPT2LMHeadModel`` (sizes from the config); ``generate`` with a KV cache works."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitGPT2ForSequenceClassification(GPT2ForSequenceClassification):
+    """Pruned ``GPT2ForSequenceClassification`` (sizes from the config)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+class PpkitGPT2ForQuestionAnswering(GPT2ForQuestionAnswering):
+    """Pruned ``GPT2ForQuestionAnswering`` (sizes from the config)."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _apply_config_shape(self)
+
+
+#: transformers class name -> pruned class
+PPKIT_CLASSES: dict[str, type] = {
+    "BertModel": PpkitBertModel,
+    "BertForSequenceClassification": PpkitBertForSequenceClassification,
+    "BertForQuestionAnswering": PpkitBertForQuestionAnswering,
+    "BertForMaskedLM": PpkitBertForMaskedLM,
+    "BertForTokenClassification": PpkitBertForTokenClassification,
+    "GPT2Model": PpkitGPT2Model,
+    "GPT2LMHeadModel": PpkitGPT2LMHeadModel,
+    "GPT2ForSequenceClassification": PpkitGPT2ForSequenceClassification,
+    "GPT2ForQuestionAnswering": PpkitGPT2ForQuestionAnswering,
+}
+
+#: config.json ``auto_map`` per family (module name is the copied file, ``modeling_ppkit.py``)
+AUTO_MAP: dict[str, dict[str, str]] = {
+    "bert": {
+        "AutoModel": "modeling_ppkit.PpkitBertModel",
+        "AutoModelForSequenceClassification": "modeling_ppkit.PpkitBertForSequenceClassification",
+        "AutoModelForQuestionAnswering": "modeling_ppkit.PpkitBertForQuestionAnswering",
+        "AutoModelForMaskedLM": "modeling_ppkit.PpkitBertForMaskedLM",
+        "AutoModelForTokenClassification": "modeling_ppkit.PpkitBertForTokenClassification",
+    },
+    "gpt2": {
+        "AutoModel": "modeling_ppkit.PpkitGPT2Model",
+        "AutoModelForCausalLM": "modeling_ppkit.PpkitGPT2LMHeadModel",
+        "AutoModelForSequenceClassification": "modeling_ppkit.PpkitGPT2ForSequenceClassification",
+        "AutoModelForQuestionAnswering": "modeling_ppkit.PpkitGPT2ForQuestionAnswering",
+    },
+}

@@ -1,0 +1,237 @@
+"""Saving and loading pruned models, and atomic output directories.
+
+A saved pruned model is an ordinary transformers directory (``config.json`` with ``model_type``
+bert/gpt2, ``model.safetensors``) plus ``ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer`` /
+``ppkit_family`` in the config, ``plan.json``, tokenizer files, and ``modeling_ppkit.py`` (a copy of
+:mod:`ppkit.modeling_pruned`) referenced by ``auto_map``, so that
+``AutoModel*.from_pretrained(dir, trust_remote_code=True)`` works without ppkit installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from . import modeling_pruned
+from .adapters import get_adapter
+from .errors import ModelLoadError, OutputError, PlanError
+from .plan import PruningPlan
+
+MODELING_FILE = "modeling_ppkit.py"
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+
+#: load_model/load_pruned head names -> transformers class name per family
+HEAD_CLASSES: dict[str, dict[str, str]] = {
+    "bert": {
+        "base": "BertModel",
+        "sequence-classification": "BertForSequenceClassification",
+        "question-answering": "BertForQuestionAnswering",
+        "masked-lm": "BertForMaskedLM",
+        "token-classification": "BertForTokenClassification",
+    },
+    "gpt2": {
+        "base": "GPT2Model",
+        "causal-lm": "GPT2LMHeadModel",
+        "sequence-classification": "GPT2ForSequenceClassification",
+        "question-answering": "GPT2ForQuestionAnswering",
+    },
+}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own progress bars while ppkit loads or saves (ppkit reports progress itself)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def hf_class_name(model: nn.Module) -> str:
+    """The transformers class a model is (or derives from, for the ``Ppkit*`` classes)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in modeling_pruned.PPKIT_CLASSES:
+            return cls.__name__
+    raise PlanError(f"{type(model).__name__} cannot be saved as a pruned model")
+
+
+def class_for_head(family: str, head: str) -> str:
+    """transformers class name for ``head`` in ``family``; :class:`~ppkit.errors.InputError` if unavailable."""
+    from .errors import InputError
+
+    heads = HEAD_CLASSES.get(family)
+    if heads is None:
+        raise InputError(f"unknown model family {family!r}; known: {', '.join(HEAD_CLASSES)}")
+    if head not in heads:
+        raise InputError(f"head {head!r} is not available for {family} models; available: {', '.join(heads)}")
+    return heads[head]
+
+
+def save_pruned(
+    model: nn.Module,
+    out_dir: str | Path,
+    plan: PruningPlan | None = None,
+    tokenizer: Any = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a (pruned) model to ``out_dir`` so that :func:`load_pruned` and remote-code loading rebuild it.
+
+    Writes ``config.json`` (with ``ppkit_*`` fields and ``auto_map``), ``model.safetensors`` (never
+    pickle), ``modeling_ppkit.py``, ``plan.json`` when ``plan`` is given (it must match the model's
+    current sizes), the tokenizer files when ``tokenizer`` is given, and ``extra_files`` (file name ->
+    text). ``out_dir`` is created if needed and written in place; wrap the call in
+    :func:`atomic_output_dir` for an all-or-nothing write. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    adapter = get_adapter(model)
+    shape = adapter.shape()
+    cls_name = hf_class_name(model)
+    if plan is not None:
+        plan.validate(shape.num_layers, shape.num_heads, shape.ffn_dim)
+        if tuple(plan.heads_per_layer) != shape.heads_per_layer or tuple(plan.neurons_per_layer) != shape.neurons_per_layer:
+            raise PlanError(
+                "the plan does not match the model: the plan keeps "
+                f"{plan.heads_per_layer} heads / {plan.neurons_per_layer} neurons per layer, the model has "
+                f"{list(shape.heads_per_layer)} / {list(shape.neurons_per_layer)} (prune the model with this plan first)"
+            )
+    for name in extra_files or {}:
+        if Path(name).name != name or name in {"config.json", WEIGHTS_FILE, MODELING_FILE, PLAN_FILE}:
+            raise OutputError(f"extra file name {name!r} must be a plain file name that ppkit does not write itself")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            model.save_pretrained(out)
+        config_path = out / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["architectures"] = [cls_name]
+        config["ppkit_family"] = adapter.family
+        config["ppkit_heads_per_layer"] = list(shape.heads_per_layer)
+        config["ppkit_neurons_per_layer"] = list(shape.neurons_per_layer)
+        config["auto_map"] = dict(modeling_pruned.AUTO_MAP[adapter.family])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        shutil.copyfile(modeling_pruned.__file__, out / MODELING_FILE)
+        if plan is not None:
+            plan.to_json(out / PLAN_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        for name, text in (extra_files or {}).items():
+            (out / name).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write the pruned model to {out}: {exc}") from exc
+    if not (out / WEIGHTS_FILE).is_file():
+        raise OutputError(f"transformers did not write {WEIGHTS_FILE} in {out}")
+    return out
+
+
+def is_pruned_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory saved by :func:`save_pruned`."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "ppkit_heads_per_layer" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_pruned(path: str | Path, head: str | None = None, num_labels: int | None = None, **kwargs: Any) -> nn.Module:
+    """Load a directory written by :func:`save_pruned` (eval mode).
+
+    ``head`` (same names as :func:`ppkit.models.load_model`) loads the pruned body under another task
+    head, e.g. a pruned pre-trained ``BertModel`` as ``"sequence-classification"`` for fine-tuning
+    (the new head is randomly initialised); by default the saved class is used. ``kwargs`` go to
+    ``from_pretrained``. Raises :class:`ModelLoadError` if the directory is missing or unreadable and
+    :class:`PlanError` if it is not a ppkit-pruned model.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise ModelLoadError(f"pruned model directory not found: {path}")
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_path}: {exc}") from exc
+    if "ppkit_heads_per_layer" not in config or "ppkit_neurons_per_layer" not in config:
+        raise PlanError(f"{path} is not a ppkit-pruned model (config.json has no ppkit_heads_per_layer); use load_model")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")
+    family = config.get("ppkit_family") or config.get("model_type")
+    if head is None:
+        archs = config.get("architectures") or []
+        cls_name = archs[0].removeprefix("Ppkit") if archs else class_for_head(family, "base")
+    else:
+        cls_name = class_for_head(family, head)
+    cls = modeling_pruned.PPKIT_CLASSES.get(cls_name)
+    if cls is None:
+        raise ModelLoadError(f"{path}: saved class {cls_name!r} is not one ppkit can load")
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        with quiet_transformers():
+            model = cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the pruned model in {path}: {exc}") from exc
+    shape = get_adapter(model).shape()
+    if list(shape.heads_per_layer) != list(config["ppkit_heads_per_layer"]) or list(shape.neurons_per_layer) != list(
+        config["ppkit_neurons_per_layer"]
+    ):
+        raise ModelLoadError(f"{path}: the loaded model does not have the sizes recorded in config.json")
+    return model.eval()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``path``; on success it replaces ``path`` in one rename.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and an existing
+    ``path`` is left untouched. Raises :class:`OutputError` if ``path`` exists and ``overwrite`` is
+    false, if it is a file, or if the parent directory cannot be written.
+    """
+    target = Path(path).absolute()
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputError(f"output {target} exists; choose another path or pass overwrite (--overwrite)")
+        if not target.is_dir():
+            raise OutputError(f"output {target} exists and is not a directory")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory next to {target}: {exc}") from exc
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    try:
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, backup / target.name)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if backup is not None and not target.exists():
+            os.replace(backup / target.name, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot move the finished output to {target}: {exc}") from exc
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,163 @@
+"""Shared pytest fixtures: tiny random BERT / GPT-2 models, the shared data directory, seeding.
+
+Every fixture builds a fresh object per test (function scope) so a test may prune or modify it in
+place. Tiny models are built with a fixed seed, in eval mode (dropout off) and with eager attention
+so masked / pruned / reloaded outputs can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PPKIT_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+TINY_VOCAB = 120
+
+
+def tiny_bert_config(**overrides):
+    """Config of the tiny BERT used across the tests (3 layers, hidden 32, 4 heads of 8, FFN 64)."""
+    from transformers import BertConfig
+
+    kwargs = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_gpt2_config(**overrides):
+    """Config of the tiny GPT-2 used across the tests (3 layers, n_embd 32, 4 heads of 8, FFN 128)."""
+    from transformers import GPT2Config
+
+    kwargs = dict(
+        vocab_size=TINY_VOCAB,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=TINY_VOCAB - 1,
+        eos_token_id=TINY_VOCAB - 1,
+        pad_token_id=TINY_VOCAB - 1,
+        attn_implementation="eager",
+    )
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
+def make_tiny_bert(cls_name: str = "BertModel", seed: int = 0, **overrides):
+    """A fresh tiny BERT of class ``cls_name`` (e.g. "BertForSequenceClassification"), eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(tiny_bert_config(**overrides))
+    return model.eval()
+
+
+def make_tiny_gpt2(cls_name: str = "GPT2LMHeadModel", seed: int = 0, **overrides):
+    """A fresh tiny GPT-2 of class ``cls_name`` ("GPT2Model" or "GPT2LMHeadModel"), eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(tiny_gpt2_config(**overrides))
+    return model.eval()
+
+
+@pytest.fixture
+def seeded():
+    """Seed python, numpy and torch with 0 (tests that need other seeds use explicit generators)."""
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared data directory (../shared/data or $PPKIT_SHARED_DATA); fails clearly if missing."""
+    if not SHARED.is_dir():
+        pytest.fail(f"shared data directory not found: {SHARED} (set PPKIT_SHARED_DATA)")
+    return SHARED
+
+
+@pytest.fixture
+def tiny_bert():
+    """Tiny random BertModel (3 layers, hidden 32, 4 heads, FFN 64, vocab 120), eval mode, eager attention."""
+    return make_tiny_bert("BertModel")
+
+
+@pytest.fixture
+def tiny_bert_cls():
+    """Tiny random BertForSequenceClassification (2 labels), same shape as ``tiny_bert``."""
+    return make_tiny_bert("BertForSequenceClassification", num_labels=2)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    """Tiny random GPT2LMHeadModel (3 layers, n_embd 32, 4 heads, FFN 128, vocab 120), eval mode, eager."""
+    return make_tiny_gpt2("GPT2LMHeadModel")
+
+
+@pytest.fixture
+def minilm_path(shared_data) -> Path:
+    """Path of the real all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, FFN 1536)."""
+    path = shared_data / "models" / "all-MiniLM-L6-v2"
+    if not (path / "config.json").is_file():
+        pytest.fail(f"MiniLM model not found at {path} (the shared data is required)")
+    return path
+
+
+# --------------------------------------------------------------------------- plan helpers (import from tests)
+def random_plan(num_layers: int, num_heads: int, ffn_dim: int, seed: int = 0, kind: str = "uneven"):
+    """A random PruningPlan for tests.
+
+    kind: "uneven" (1..all heads/neurons per layer, random subsets), "zeros" (layer 0 keeps no heads,
+    layer 1 no neurons, layer 2 neither; other layers uneven), "keep_all".
+    """
+    from ppkit.plan import LayerPlan, PruningPlan
+
+    if kind == "keep_all":
+        return PruningPlan.keep_all(num_layers, num_heads, ffn_dim)
+    rng = random.Random(seed)
+    layers = []
+    for layer in range(num_layers):
+        n_heads = rng.randint(1, num_heads)
+        n_neurons = rng.randint(1, ffn_dim)
+        if kind == "zeros":
+            if layer in (0, 2):
+                n_heads = 0
+            if layer in (1, 2):
+                n_neurons = 0
+        heads = tuple(sorted(rng.sample(range(num_heads), n_heads)))
+        neurons = tuple(sorted(rng.sample(range(ffn_dim), n_neurons)))
+        layers.append(LayerPlan(heads, neurons))
+    return PruningPlan(layers, num_heads, ffn_dim, {"kind": kind, "seed": seed})
+
+
+def plan_for(model, seed: int = 0, kind: str = "uneven"):
+    """random_plan sized for ``model`` (any model ppkit has an adapter for)."""
+    from ppkit.adapters import get_adapter
+
+    shape = get_adapter(model).shape()
+    return random_plan(shape.num_layers, shape.num_heads, shape.ffn_dim, seed=seed, kind=kind)

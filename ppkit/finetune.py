@@ -1,0 +1,425 @@
+"""Fine-tuning (the paper's stage 2) with the transformers ``Trainer``, and a plain evaluation loop.
+
+:func:`finetune` loads the model with the task's head (a fresh classifier / QA / LM head on a
+pre-trained or pruned body; a pruned directory keeps its pruned structure), trains it with the
+paper's setting (evaluate and save every epoch, keep the best epoch by the task metric — loss for LM —
+``load_best_model_at_end``, ``save_total_limit=1``), records each epoch's metrics and wall time, and
+writes the best model through :func:`ppkit.saving.save_pruned` plus ``finetune.json``, so the result
+loads with :func:`ppkit.saving.load_pruned` and with plain transformers (``trust_remote_code``).
+
+It runs unchanged under ``torchrun --nproc_per_node N`` (CUDA/NCCL or CPU/gloo): ``batch_size`` is the
+global batch (split over processes), every process trains, only rank 0 writes the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ppkit.data import TaskDataset, load_task_dataset, pad_token_id, postprocess_qa
+from ppkit.errors import InputError, OutputError
+from ppkit.metrics import compute_task_metrics, model_max_positions
+from ppkit.tasks import TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
+
+#: model head per task kind, as ppkit.models.load_model names them
+HEADS = {"classification": "sequence-classification", "regression": "sequence-classification",
+         "qa": "question-answering", "lm": "causal-lm"}
+_HEAD_SUFFIXES = {"sequence-classification": ("ForSequenceClassification",),
+                  "question-answering": ("ForQuestionAnswering",),
+                  "causal-lm": ("LMHeadModel", "ForCausalLM")}
+
+
+@dataclass
+class EpochRecord:
+    """One epoch: dev metrics (``loss``, the task metrics; ``perplexity`` for LM), training wall time
+    of the epoch and wall time of its evaluation, in seconds."""
+
+    epoch: int
+    metrics: dict[str, float]
+    train_seconds: float
+    eval_seconds: float
+
+
+@dataclass
+class FinetuneResult:
+    """Outcome of :func:`finetune`. ``metric`` is the selection metric (``loss`` for LM);
+    ``best_metric`` its best dev value, reached at ``best_epoch``; ``best_metrics`` all dev metrics of
+    that epoch; ``initial_metrics`` the dev metrics before training when asked for. ``model`` is the
+    best model (in memory, not serialised)."""
+
+    task: str
+    metric: str
+    best_metric: float
+    best_epoch: int
+    best_metrics: dict[str, float]
+    epochs: list[EpochRecord]
+    total_seconds: float
+    settings: dict[str, Any]
+    out_dir: Path | None = None
+    initial_metrics: dict[str, float] | None = None
+    model: Any = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (what ``finetune.json`` holds); the model is left out."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("model", "epochs")}
+        d["epochs"] = [asdict(e) for e in self.epochs]
+        d["out_dir"] = str(self.out_dir) if self.out_dir is not None else None
+        return d
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: TaskDataset, *, batch_size: int = 64, progress: bool = False) -> Any:
+    """Raw predictions for ``dataset``: logits [N, C] (classification), scores [N] (regression),
+    (start_logits, end_logits) lists per feature (QA), or the token-weighted mean loss (LM)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    collate = dataset.collator()
+    kind = dataset.task.kind
+    outs: list[Any] = []
+    nll, ntok = 0.0, 0
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        job = bar.add_task(f"evaluating {dataset.task.name}", total=len(dataset))
+    try:
+        for i in range(0, len(dataset), batch_size):
+            batch = collate(dataset.features[i:i + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if kind == "lm":
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+                n = int(batch["labels"][:, 1:].numel())
+                nll += float(out.loss) * n
+                ntok += n
+            elif kind == "qa":
+                out = model(**{k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")})
+                for s, e in zip(out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()):
+                    outs.append((s, e))
+            else:
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
+                outs.append(out.logits.float().cpu().numpy())
+            if bar is not None:
+                bar.advance(job, min(batch_size, len(dataset) - i))
+    finally:
+        if bar is not None:
+            bar.stop()
+        model.train(was_training)
+    if kind == "lm":
+        return nll / max(ntok, 1)
+    if kind == "qa":
+        return outs
+    logits = np.concatenate(outs, axis=0)
+    return logits[:, 0] if kind == "regression" else logits
+
+
+def evaluate_model(model: nn.Module, dataset: TaskDataset, *, batch_size: int = 64, progress: bool = False) -> dict[str, float]:
+    """The task metrics of ``model`` on a dataset from :func:`ppkit.data.load_task_dataset` (no Trainer,
+    one process): GLUE metrics, SQuAD EM/F1 after run_qa-style post-processing, or LM loss/perplexity
+    over the dataset's blocks."""
+    preds = predict(model, dataset, batch_size=batch_size, progress=progress)
+    if dataset.task.kind == "qa":
+        width = max(len(s) for s, _ in preds)
+        starts = np.full((len(preds), width), -1e4, dtype=np.float32)
+        ends = np.full((len(preds), width), -1e4, dtype=np.float32)
+        for i, (s, e) in enumerate(preds):
+            starts[i, :len(s)], ends[i, :len(e)] = s, e
+        preds = postprocess_qa(dataset, starts, ends)
+    return compute_task_metrics(dataset.task, preds, dataset.references)
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+
+def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool) -> tuple[nn.Module, Any, Any]:
+    """(model with the task head, tokenizer, plan or None)."""
+    head = HEADS[spec.kind]
+    num_labels = spec.num_labels if head == "sequence-classification" else None
+    plan = None
+    if isinstance(model_or_dir, nn.Module):
+        model = model_or_dir
+        name = type(model).__name__
+        if not name.endswith(_HEAD_SUFFIXES[head]):
+            raise InputError(f"task {spec.name} needs a model with a {head} head, got {name}; pass a model "
+                             "directory instead and ppkit adds a fresh head")
+        if tokenizer is None:
+            raise InputError("pass tokenizer=... when giving finetune() a loaded model")
+    else:
+        from ppkit.models import load_model, load_tokenizer
+
+        path = Path(str(model_or_dir)).expanduser()
+        model = load_model(str(model_or_dir), head=head, num_labels=num_labels, allow_pickle=allow_pickle)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_or_dir))
+        if (path / "plan.json").is_file():
+            from ppkit.plan import PruningPlan
+
+            plan = PruningPlan.from_json(path / "plan.json")
+    if head == "sequence-classification" and getattr(model.config, "num_labels", spec.num_labels) != spec.num_labels:
+        raise InputError(f"the model's classifier has {model.config.num_labels} labels but task {spec.name} has "
+                         f"{spec.num_labels}")
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id(tokenizer)  # GPT-2 classification needs it to find the last token
+    return model, tokenizer, plan
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise OutputError(f"output {out_dir} exists; choose another path or pass overwrite (--overwrite)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a directory")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _callbacks():
+    from transformers import ProgressCallback, TrainerCallback
+
+    class EpochTimer(TrainerCallback):
+        """Training wall time per epoch and the dev metrics of each epoch-end evaluation."""
+
+        def __init__(self) -> None:
+            self.training = False
+            self.t0 = 0.0
+            self.train_times: list[float] = []
+            self.records: list[EpochRecord] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.training = True
+
+        def on_train_end(self, args, state, control, **kw):
+            self.training = False
+
+        def on_epoch_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kw):
+            self.train_times.append(time.perf_counter() - self.t0)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if not self.training or metrics is None:
+                return
+            clean = _clean_metrics(metrics)
+            self.records.append(EpochRecord(
+                epoch=int(round(state.epoch or len(self.records) + 1)), metrics=clean,
+                train_seconds=self.train_times[-1] if self.train_times else float("nan"),
+                eval_seconds=float(metrics.get("eval_runtime", float("nan"))),
+            ))
+
+    class QuietProgress(ProgressCallback):
+        """tqdm bars on stderr, without the dict dumps ProgressCallback writes to stdout."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs:
+                logger.info("%s", {k: v for k, v in logs.items() if k != "total_flos"})
+
+    return EpochTimer, QuietProgress
+
+
+def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if k.startswith("eval_") and k[5:] not in ("runtime", "samples_per_second", "steps_per_second", "epoch",
+                                                                 "model_preparation_time"):
+            out[k[5:]] = float(v)
+    return out
+
+
+def finetune(
+    model_or_dir: str | Path | nn.Module,
+    task: str | TaskSpec,
+    *,
+    out_dir: str | Path,
+    data: str | Path | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    max_length: int | None = None,
+    seed: int = 0,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+    progress: bool = True,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.0,
+    eval_before: bool = False,
+    allow_pickle: bool = False,
+    checkpoint_dir: str | Path | None = None,
+) -> FinetuneResult:
+    """Fine-tune a pre-trained or pruned model on ``task`` and write the best epoch's model to ``out_dir``.
+
+    ``model_or_dir`` is a model directory or hub name (loaded with the task head — a fresh one on a
+    base checkpoint; a ppkit-pruned directory keeps its pruned sizes and its ``plan.json``) or a loaded
+    model that already has the head (then pass ``tokenizer``). Defaults are the paper's per task:
+    GLUE 3 epochs, batch 32, lr 2e-5, max length 128 (SST-2 64); SQuAD batch 12, length 384; GPT-2
+    LM per corpus (WikiText-2 10 epochs lr 1e-4, WikiText-103 8 / 5e-4, PTB 20 / 1e-4, batch 32,
+    512-token blocks). ``batch_size`` is global (divided by the number of torchrun processes).
+    ``train_limit`` / ``eval_limit`` keep a seeded random subset of the train split / the first N dev
+    examples for quick runs. The dev split is evaluated after every epoch and the best epoch by the
+    task metric (loss for LM) is kept. Rank 0 writes ``out_dir`` atomically (model, tokenizer,
+    ``plan.json`` if any, ``finetune.json``); trainer checkpoints go to ``checkpoint_dir`` (default: a
+    hidden directory beside ``out_dir``) and are removed at the end."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+
+    from ppkit.saving import atomic_output_dir, save_pruned
+
+    spec = get_task(task)
+    epochs = spec.epochs if epochs is None else epochs
+    batch_size = spec.batch_size if batch_size is None else batch_size
+    learning_rate = spec.learning_rate if learning_rate is None else learning_rate
+    for name, value in (("epochs", epochs), ("batch size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if not learning_rate > 0:
+        raise InputError(f"learning rate must be positive, got {learning_rate!r}")
+    if not 0 <= warmup_ratio < 1:
+        raise InputError(f"warmup ratio must be in [0, 1), got {warmup_ratio!r}")
+    out = Path(out_dir).absolute()
+    _check_output(out, overwrite)
+    ckpt = Path(checkpoint_dir).absolute() if checkpoint_dir else out.parent / f".{out.name}.ppkit-checkpoints"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = max(1, batch_size // world)
+    if per_device * world != batch_size:
+        logger.warning("batch size %d is not divisible by %d processes: using %d per process (global %d)",
+                       batch_size, world, per_device, per_device * world)
+
+    start = time.perf_counter()
+    set_seed(seed)  # the fresh task head is initialised from this seed
+    model, tokenizer, plan = _load(model_or_dir, spec, tokenizer, allow_pickle)
+    max_pos = model_max_positions(model)
+
+    metric_key = "loss" if spec.kind == "lm" else spec.main_metric
+    args = _training_args(TrainingArguments, ckpt, epochs, per_device, learning_rate, weight_decay,
+                          warmup_ratio, seed, metric_key, spec, progress)
+    if args.process_index == 0 and ckpt.exists():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    _barrier()
+
+    with args.main_process_first(desc="tokenizing the task data"):
+        train_ds = load_task_dataset(spec, tokenizer, "train", data=data, max_length=max_length, limit=train_limit,
+                                     limit_seed=seed if train_limit is not None else None, max_positions=max_pos)
+        eval_ds = load_task_dataset(spec, tokenizer, "dev", data=data, max_length=max_length, limit=eval_limit,
+                                    max_positions=max_pos)
+
+    EpochTimer, QuietProgress = _callbacks()
+    timer = EpochTimer()
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=train_ds.collator(tokenizer), compute_metrics=_metrics_fn(spec, eval_ds),
+                      callbacks=[timer])
+    # transformers 5 passes num_items_in_batch counted over *unshifted* labels when it cannot tell the
+    # loss shifts them (GPT-2 configs have loss_type=None), which scales causal-LM losses by (n-1)/n;
+    # the model's own mean over its valid (shifted) targets is the right per-token loss.
+    trainer.model_accepts_loss_kwargs = False
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict to stdout
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress)
+
+    initial = None
+    try:
+        if eval_before:
+            initial = _clean_metrics(trainer.evaluate())
+            _add_perplexity(spec, initial)
+        trainer.train()
+    except BaseException:
+        if args.process_index == 0 and checkpoint_dir is None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+    for rec in timer.records:
+        _add_perplexity(spec, rec.metrics)
+
+    best_model = trainer.model
+    best_model.eval()
+    from ppkit.adapters import get_adapter
+
+    shape = get_adapter(best_model).shape()
+    if not timer.records:
+        raise InputError("training finished without an evaluation; check epochs and the data size")
+    pick = max if spec.greater_is_better else min
+    best = pick(timer.records, key=lambda r: r.metrics.get(metric_key, -math.inf if spec.greater_is_better else math.inf))
+    total = time.perf_counter() - start
+    settings = {
+        "model": str(model_or_dir) if not isinstance(model_or_dir, nn.Module) else type(model_or_dir).__name__,
+        "task": spec.name, "data": train_ds.source, "eval_data": eval_ds.source, "epochs": epochs,
+        "batch_size": per_device * world, "per_device_batch_size": per_device, "world_size": world,
+        "learning_rate": learning_rate, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
+        "max_length": train_ds.max_length, "seed": seed, "train_examples": train_ds.num_examples,
+        "train_features": len(train_ds), "eval_examples": eval_ds.num_examples, "device": str(args.device),
+        "pruned": not shape.is_dense, "heads_per_layer": list(shape.heads_per_layer),
+        "neurons_per_layer": list(shape.neurons_per_layer),
+    }
+    result = FinetuneResult(
+        task=spec.name, metric=metric_key, best_metric=best.metrics.get(metric_key, float("nan")),
+        best_epoch=best.epoch, best_metrics=dict(best.metrics), epochs=list(timer.records), total_seconds=total,
+        settings=settings, out_dir=out, initial_metrics=initial, model=best_model,
+    )
+
+    _barrier()
+    if args.process_index == 0:
+        text = json.dumps(result.to_dict(), indent=2, sort_keys=True, default=float) + "\n"
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            save_pruned(best_model, tmp, plan=plan, tokenizer=tokenizer, extra_files={"finetune.json": text})
+        if checkpoint_dir is None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    _barrier()
+    return result
+
+
+def _training_args(TrainingArguments, ckpt: Path, epochs: int, per_device: int, learning_rate: float,
+                   weight_decay: float, warmup_ratio: float, seed: int, metric_key: str, spec: TaskSpec,
+                   progress: bool):
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ckpt), num_train_epochs=epochs, per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=max(per_device, 32), learning_rate=learning_rate, weight_decay=weight_decay,
+        warmup_steps=float(warmup_ratio), seed=seed, data_seed=seed, eval_strategy="epoch", save_strategy="epoch",
+        logging_strategy="epoch", save_total_limit=1, load_best_model_at_end=True,
+        metric_for_best_model=metric_key, greater_is_better=spec.greater_is_better, save_only_model=True,
+        report_to="none", disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
+        label_names=["start_positions", "end_positions"] if spec.kind == "qa" else ["labels"],
+    )
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kwargs["ddp_backend"] = "gloo"
+    return TrainingArguments(**kwargs)
+
+
+def _add_perplexity(spec: TaskSpec, metrics: dict[str, float]) -> None:
+    if spec.kind == "lm" and "loss" in metrics:
+        metrics["perplexity"] = math.exp(metrics["loss"]) if metrics["loss"] < 700 else math.inf
+
+
+def _metrics_fn(spec: TaskSpec, eval_ds: TaskDataset):
+    if spec.kind == "lm":
+        return None  # eval loss only: gathering [N, 512, vocab] logits would not fit in memory
+
+    def compute(pred) -> dict[str, float]:
+        if spec.kind == "qa":
+            starts, ends = pred.predictions[:2]
+            answers = postprocess_qa(eval_ds, np.asarray(starts), np.asarray(ends))
+            return compute_task_metrics(spec, answers, eval_ds.references)
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        return compute_task_metrics(spec, logits, pred.label_ids)
+
+    return compute

@@ -1,0 +1,306 @@
+"""Retraining-free reconstruction: fold what pruned heads and neurons did into the kept weights.
+
+Both sublayers end in a linear map of the units a plan prunes: y = [x, 1] @ Theta, where x holds the
+FFN activations (or the merged head contexts) of one token and Theta = [W; b] is the down (or
+output) projection. Pruning drops rows of Theta. This module re-solves the *kept* rows so that y is
+reproduced as well as possible over calibration tokens, using only second moments G = sum_t w_t
+[x_t, 1]^T [x_t, 1] (streamed; memory does not grow with the number of tokens):
+
+- ``lstsq``: ridge least squares, damped toward the original kept rows (not toward zero), so that
+  pruning nothing changes nothing: theta = (G_KK + mu D)^-1 (G_K: Theta + mu D theta0).
+- ``merge``: each pruned unit is regressed on one kept unit (its cluster's kept member when the
+  strategy reports clusters, otherwise the kept unit that explains it best) plus a constant, and its
+  output rows are folded into that unit's rows and the bias.
+
+Safety. A few tokens ([CLS], GPT-2's first token) carry a large share of the second moment, so a
+fit over raw tokens serves them and hurts the rest. Tokens are therefore weighted by the inverse
+squared norm of their sublayer output (w_t = 1 / (|y_t - b|^2 + eps)), which makes the objective the
+per-token *relative* error. Each layer's correction (and the ridge strength) is judged on held-out
+calibration samples by that same error, and accepted only where it improves on no correction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .plan import PruningPlan
+
+METHODS = ("lstsq", "merge")
+#: relative ridge strengths tried, as fractions of the mean diagonal of G_KK
+RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: share of calibration samples held out to judge each correction
+HOLDOUT = 0.25
+
+
+@dataclass
+class Moments:
+    """Weighted second moments of [x, 1] for one sublayer: a fit part and a held-out part."""
+
+    fit: torch.Tensor
+    held: torch.Tensor
+    tokens_fit: int = 0
+    tokens_held: int = 0
+
+
+@dataclass
+class LayerMoments:
+    attention: Moments
+    ffn: Moments
+
+
+@dataclass
+class SublayerResult:
+    """Held-out relative error of one sublayer without and with the correction."""
+
+    layer: int
+    sublayer: str
+    error_before: float
+    error_after: float
+    accepted: bool
+    ridge: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer, "sublayer": self.sublayer, "error_before": self.error_before,
+            "error_after": self.error_after, "accepted": self.accepted, "ridge": self.ridge,
+        }
+
+
+def collect_moments(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    seed: int = 0,
+    holdout: float = HOLDOUT,
+    progress: bool = False,
+) -> list[LayerMoments]:
+    """One forward pass over ``batches`` accumulating the weighted moments of every sublayer.
+
+    Padding tokens are excluded; each calibration sample goes (seeded) either to the fit or to the
+    held-out part, so held-out errors are measured on samples the fit never saw.
+    """
+    from .adapters import get_adapter
+
+    adapter = get_adapter(model)
+    shape = adapter.shape()
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, Any] = {"mask": None, "held": None}
+    layers: list[dict[str, Moments]] = [dict() for _ in range(shape.num_layers)]
+
+    def make_hook(layer: int, kind: str):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].detach()
+            weight, bias = (adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight)(layer)
+            mask = state["mask"]
+            held = state["held"]
+            for part, select in (("fit", mask & ~held), ("held", mask & held)):
+                rows = x[select].to(torch.float32)
+                if rows.shape[0] == 0:
+                    continue
+                out = rows @ weight.detach().to(torch.float32)
+                norm2 = out.pow(2).sum(-1)
+                eps = 1e-2 * float(norm2.mean()) + 1e-12
+                w = (norm2 + eps).rsqrt().unsqueeze(1)
+                ext = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1) * w
+                gram = (ext.T @ ext).to(torch.float64)
+                mom = layers[layer].get(kind)
+                if mom is None:
+                    n = gram.shape[0]
+                    mom = layers[layer][kind] = Moments(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
+                if part == "fit":
+                    mom.fit += gram
+                    mom.tokens_fit += rows.shape[0]
+                else:
+                    mom.held += gram
+                    mom.tokens_held += rows.shape[0]
+
+        return hook
+
+    handles = []
+    for layer in range(shape.num_layers):
+        handles.append(adapter.head_context_module(layer).register_forward_pre_hook(make_hook(layer, "attention")))
+        handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(make_hook(layer, "ffn")))
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                mask = batch["attention_mask"].bool()
+                held_rows = torch.rand(mask.shape[0], generator=gen) < holdout
+                state["mask"] = mask
+                state["held"] = held_rows.unsqueeze(1).expand_as(mask)
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerMoments(attention=l["attention"], ffn=l["ffn"]) for l in layers]
+
+
+def _relative_error(gram: torch.Tensor, theta_full: torch.Tensor, delta: torch.Tensor) -> float:
+    denom = float(torch.einsum("ij,ik,kj->", theta_full, gram, theta_full))
+    num = float(torch.einsum("ij,ik,kj->", delta, gram, delta))
+    return num / denom if denom > 0 else 0.0
+
+
+def _embed(rows: torch.Tensor, keep: torch.Tensor, n_total: int) -> torch.Tensor:
+    full = torch.zeros(n_total, rows.shape[1], dtype=rows.dtype)
+    full[keep] = rows
+    return full
+
+
+def solve_lstsq(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Kept rows (incl. the bias row, last) minimising |[x_K,1] t - [x,1] Theta|^2 + mu |t - Theta_K|^2."""
+    g_kk = gram[keep][:, keep]
+    scale = float(g_kk.diagonal().mean()) if g_kk.numel() else 1.0
+    mu = ridge * max(scale, 1e-12)
+    theta0 = theta[keep]
+    rhs = gram[keep] @ theta + mu * theta0
+    lhs = g_kk + mu * torch.eye(len(keep), dtype=gram.dtype)
+    return torch.linalg.solve(lhs, rhs)
+
+
+def solve_merge(
+    gram: torch.Tensor, theta: torch.Tensor, keep_units: Sequence[int], unit_size: int,
+    assignment: dict[int, int] | None = None,
+) -> torch.Tensor:
+    """Fold each pruned unit into one kept unit: x_j ~ x_k M + beta; rows_k += M rows_j, b += beta rows_j.
+
+    Units are groups of ``unit_size`` consecutive rows (a head's dimensions, or 1 for a neuron). The
+    kept unit is ``assignment[j]`` when given (e.g. the kept member of j's cluster), otherwise the kept
+    unit that explains x_j best. Returns the new kept rows (kept units' rows in order, then the bias row).
+    """
+    n = gram.shape[0] - 1
+    kept = list(keep_units)
+    pruned = sorted(set(range(n // unit_size)) - set(kept))
+    new = theta.clone()
+    if kept and pruned:
+        if unit_size == 1:
+            _merge_neurons(gram, theta, new, kept, pruned, assignment)
+        else:
+            _merge_heads(gram, theta, new, kept, pruned, unit_size, assignment)
+    keep_rows = [u * unit_size + i for u in kept for i in range(unit_size)] + [n]
+    return new[keep_rows]
+
+
+def _merge_neurons(gram, theta, new, kept, pruned, assignment) -> None:
+    """Vectorised merge for single neurons, from the (weighted) covariance implied by the Gram matrix."""
+    n = gram.shape[0] - 1
+    total, sums = gram[n, n], gram[:n, n]
+    cov = gram[:n, :n] - torch.outer(sums, sums) / total
+    k_idx, j_idx = torch.tensor(kept), torch.tensor(pruned)
+    c_jk = cov[j_idx][:, k_idx]  # [pruned, kept]
+    var_k = cov.diagonal()[k_idx].clamp_min(1e-12)
+    best = (c_jk.pow(2) / var_k).argmax(dim=1)
+    if assignment:
+        pos = {k: i for i, k in enumerate(kept)}
+        forced = [pos.get(assignment.get(j, -1), -1) for j in pruned]
+        best = torch.tensor([f if f >= 0 else int(b) for f, b in zip(forced, best.tolist())])
+    target = k_idx[best]
+    alpha = c_jk[torch.arange(len(pruned)), best] / var_k[best]
+    beta = (sums[j_idx] - alpha * sums[target]) / total
+    new.index_add_(0, target, alpha.unsqueeze(1) * theta[j_idx])
+    new[n] += beta @ theta[j_idx]
+
+
+def _merge_heads(gram, theta, new, kept, pruned, unit_size, assignment) -> None:
+    """Merge pruned heads: regress a head's context on a kept head's context (plus a constant)."""
+    n = gram.shape[0] - 1
+
+    def rows(u: int) -> list[int]:
+        return list(range(u * unit_size, (u + 1) * unit_size))
+
+    for j in pruned:
+        rj = rows(j)
+        candidates = [assignment[j]] if assignment and assignment.get(j) in kept else kept
+        best = None
+        for k in candidates:
+            idx = rows(k) + [n]
+            a = gram[idx][:, idx]
+            b = gram[idx][:, rj]
+            coef = torch.linalg.solve(a + 1e-9 * float(a.diagonal().mean()) * torch.eye(len(idx), dtype=a.dtype), b)
+            explained = float((coef * b).sum())  # larger = better fit of x_j from [x_k, 1]
+            if best is None or explained > best[0]:
+                best = (explained, k, coef)
+        _, k, coef = best
+        new[rows(k) + [n]] += coef @ theta[rj]
+
+
+def compensate_model(
+    model: nn.Module,
+    plan: PruningPlan,
+    moments: list[LayerMoments] | None = None,
+    *,
+    method: str = "lstsq",
+    batches: Iterable[dict[str, torch.Tensor]] | None = None,
+    seed: int = 0,
+    assignments: dict[tuple[int, str], dict[int, int]] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Correct the kept output-projection rows of a *dense* model in place, before surgery.
+
+    Give ``moments`` (from :func:`collect_moments`) or ``batches`` to collect them. Returns the
+    report recorded under ``compensation`` in report.json: per layer and sublayer, the held-out
+    relative error before and after, and whether the correction was accepted.
+    """
+    from .adapters import get_adapter
+
+    if method not in METHODS:
+        raise InputError(f"compensation must be one of none, {', '.join(METHODS)}; got {method!r}")
+    adapter = get_adapter(model)
+    shape = adapter.shape()
+    plan.validate(shape.num_layers, shape.num_heads, shape.ffn_dim)
+    if moments is None:
+        if batches is None:
+            raise InputError("compensate_model needs moments or calibration batches")
+        moments = collect_moments(model, batches, seed=seed, progress=progress)
+    results: list[SublayerResult] = []
+    for layer, layer_plan in enumerate(plan.layers):
+        for kind, units, unit_size in (("attention", layer_plan.heads, shape.head_dim), ("ffn", layer_plan.neurons, 1)):
+            mom = getattr(moments[layer], kind)
+            getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
+            weight, bias = getter(layer)
+            theta = torch.cat([weight.detach().to(torch.float64), bias.detach().to(torch.float64).unsqueeze(0)], 0)
+            n = theta.shape[0] - 1
+            keep_rows = torch.tensor([u * unit_size + i for u in units for i in range(unit_size)] + [n], dtype=torch.long)
+            base_rows = theta[keep_rows]
+            err_before = _relative_error(mom.held, theta, _embed(base_rows, keep_rows, n + 1) - theta)
+            best_rows, best_err, best_ridge = base_rows, err_before, None
+            if len(keep_rows) < n + 1:  # something is pruned
+                if method == "lstsq":
+                    for ridge in RIDGE_GRID:
+                        try:
+                            cand = solve_lstsq(mom.fit, theta, keep_rows, ridge)
+                        except RuntimeError:
+                            continue
+                        err = _relative_error(mom.held, theta, _embed(cand, keep_rows, n + 1) - theta)
+                        if math.isfinite(err) and err < best_err:
+                            best_rows, best_err, best_ridge = cand, err, ridge
+                else:
+                    assignment = (assignments or {}).get((layer, kind))
+                    cand = solve_merge(mom.fit, theta, list(units), unit_size, assignment)
+                    err = _relative_error(mom.held, theta, _embed(cand, keep_rows, n + 1) - theta)
+                    if math.isfinite(err) and err < best_err:
+                        best_rows, best_err = cand, err
+            accepted = best_rows is not base_rows
+            if accepted:
+                new_theta = theta.clone()
+                new_theta[keep_rows] = best_rows
+                setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
+                setter(layer, new_theta[:n].to(weight.dtype), new_theta[n].to(bias.dtype))
+            results.append(SublayerResult(layer, kind, err_before, best_err, accepted, best_ridge))
+    return {
+        "method": method,
+        "holdout": HOLDOUT,
+        "token_weighting": "1 / (|y_t - b|^2 + 0.01 mean)",
+        "layers": [r.as_dict() for r in results],
+        "mean_error_before": sum(r.error_before for r in results) / max(len(results), 1),
+        "mean_error_after": sum(r.error_after for r in results) / max(len(results), 1),
+        "accepted": sum(r.accepted for r in results),
+    }

@@ -53,18 +53,15 @@ __all__ = [
 
 # --------------------------------------------------------------------------- building blocks
 class ZeroInputConv1D(Conv1D):
-    """A transformers ``Conv1D`` that also works with zero input features (then it returns its bias).
+    """A transformers ``Conv1D`` that also works with zero input or output features.
 
-    ``Conv1D.forward`` flattens with ``view(-1, nx)``, which is ambiguous for an empty tensor; the
-    explicit row count here computes the same ``addmm`` for every input width.
+    ``Conv1D.forward`` flattens with ``view(-1, nx)``, which is ambiguous for an empty tensor (and an
+    ONNX Reshape reads a 0 in a shape as "copy this dimension"); a batched matmul needs no reshape, so
+    it traces with dynamic shapes and returns just the bias when there are no input features.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = 1
-        for size in x.shape[:-1]:
-            rows *= int(size)
-        out = torch.addmm(self.bias, x.reshape(rows, x.shape[-1]), self.weight)
-        return out.view(*x.shape[:-1], self.nf)
+        return torch.matmul(x, self.weight) + self.bias
 
 
 def _cache_placeholder(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -78,7 +75,7 @@ def _cache_placeholder(hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _update_cache(past_key_values, layer_idx: int | None, hidden_states: torch.Tensor) -> int:
     """Advance the cache of an attention layer without heads; return the key length after the update."""
-    seq = int(hidden_states.shape[1])
+    seq = hidden_states.shape[1]  # no int(): keeps the sequence length dynamic when traced for export
     if past_key_values is None:
         return seq
     cache = past_key_values.self_attention_cache if isinstance(past_key_values, EncoderDecoderCache) else past_key_values
@@ -157,7 +154,7 @@ def _linear(n_in: int, n_out: int, like: torch.Tensor) -> nn.Linear:
 
 
 def _conv1d(n_out: int, n_in: int, like: torch.Tensor) -> Conv1D:
-    cls = ZeroInputConv1D if n_in == 0 else Conv1D
+    cls = ZeroInputConv1D if n_in == 0 or n_out == 0 else Conv1D
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
         with torch.device(like.device):

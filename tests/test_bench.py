@@ -1,0 +1,165 @@
+"""Benchmark report: fields and arithmetic, interleaved timing, baseline checks, device errors, quality."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_bert, make_tiny_gpt2, plan_for
+
+from ppkit.bench import LatencyStats, benchmark, evaluate_quality, render_table, time_interleaved
+from ppkit.errors import InputError
+from ppkit.flops import model_flops
+from ppkit.surgery import prune_model
+
+FAST = dict(batch_sizes=(1, 2), seq_len=16, repeats=3, warmup=1)
+
+
+def saved_pair(tmp_path):
+    """A dense tiny BERT directory and a pruned copy saved with ppkit (uneven, zero-head layers)."""
+    from ppkit.saving import save_pruned
+
+    dense = make_tiny_bert()
+    dense.save_pretrained(tmp_path / "dense")
+    pruned = prune_model(make_tiny_bert(), plan_for(dense, seed=4, kind="zeros"))
+    save_pruned(pruned, tmp_path / "pruned")
+    return tmp_path / "dense", tmp_path / "pruned", pruned
+
+
+def test_bench_json_fields_and_arithmetic(tmp_path):
+    dense_dir, pruned_dir, pruned = saved_pair(tmp_path)
+    out = tmp_path / "bench.json"
+
+    report = benchmark([pruned_dir], baseline=dense_dir, backend="both", json_out=out, plot=tmp_path / "b.png", **FAST)
+
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report.to_dict()))
+    assert data["format"] == "ppkit-bench"
+    settings = data["settings"]
+    assert settings["batch_sizes"] == [1, 2] and settings["seq_len"] == 16 and settings["backends"] == ["ort", "torch"]
+    assert settings["baseline"] == "dense" and settings["ort_threads"] >= 1
+    for key in ("cpu", "cores_available", "torch", "onnxruntime", "transformers", "ppkit"):
+        assert key in data["machine"]
+    base, model = data["models"]
+    assert (base["role"], model["role"]) == ("baseline", "model")
+    assert model["name"] == "pruned" and model["family"] == "bert"
+    # FLOPs and parameters come from the real pruned shape
+    expected = model_flops(pruned, 16)
+    assert model["flops"]["ratio"] == pytest.approx(expected.ratio)
+    assert model["flops"]["ratio_vs_baseline"] == pytest.approx(expected.ratio)
+    assert base["flops"]["ratio"] == 1.0
+    assert model["params"] == sum(p.numel() for p in pruned.parameters())
+    assert model["params_ratio"] == pytest.approx(model["params"] / base["params"]) and model["params_ratio"] < 1
+    assert model["heads_per_layer"] == list(pruned.config.ppkit_heads_per_layer)
+    assert model["export"]["max_abs_diff"] <= 1e-4
+    for entry in (base, model):
+        rows = entry["latency"]
+        assert [(r["backend"], r["batch_size"]) for r in rows] == [("ort", 1), ("ort", 2), ("torch", 1), ("torch", 2)]
+        for r in rows:
+            assert r["repeats"] == 3 and r["seq_len"] == 16
+            assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"]
+            assert r["throughput"] == pytest.approx(r["batch_size"] * 1000 / r["mean_ms"])
+    for rb, rm in zip(base["latency"], model["latency"]):
+        assert rb["speedup"] == 1.0
+        assert rm["speedup"] == pytest.approx(rb["p50_ms"] / rm["p50_ms"])
+    assert model["quality"] is None and settings["task"] is None
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+    table = render_table(report)
+    assert table.row_count == 2 * 4
+
+
+def test_baseline_of_other_architecture_or_vocabulary_is_rejected():
+    bert, gpt2 = make_tiny_bert(), make_tiny_gpt2()
+    with pytest.raises(InputError, match="same architecture"):
+        benchmark([gpt2], baseline=bert, **FAST)
+    with pytest.raises(InputError, match="vocabulary 120 but .* 200"):
+        benchmark([make_tiny_bert(vocab_size=200)], baseline=bert, **FAST)
+
+
+def test_cuda_without_onnxruntime_gpu_is_a_clear_error(monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(InputError, match="onnxruntime-gpu"):
+        benchmark([make_tiny_bert()], device="cuda", backend="ort", **FAST)
+
+
+def test_bad_arguments_are_input_errors():
+    model = make_tiny_bert()
+    with pytest.raises(InputError, match="backend"):
+        benchmark([model], backend="tensorrt", **FAST)
+    with pytest.raises(InputError, match="batch sizes"):
+        benchmark([model], batch_sizes=(0,), seq_len=16)
+    with pytest.raises(InputError, match="positions"):
+        benchmark([model], batch_sizes=(1,), seq_len=65)  # tiny BERT has 64 positions
+    with pytest.raises(InputError, match="sequence-classification"):
+        benchmark([model], task="sst2", tokenizer=object(), **FAST)  # a BertModel has no classifier
+
+
+def test_interleaved_timing_rotates_and_counts_calls():
+    calls: list[str] = []
+    runners = [lambda n=n: calls.append(n) for n in "abc"]
+    times = time_interleaved(runners, repeats=3, warmup=2)
+    assert [len(t) for t in times] == [3, 3, 3]
+    assert calls[:6] == list("aabbcc")  # warm-up first
+    assert calls[6:] == list("abc" "bca" "cab")  # every model leads one round
+
+
+def test_latency_stats():
+    s = LatencyStats.from_times("ort", 8, 128, [0.010, 0.020, 0.030, 0.040])
+    assert s.p50_ms == pytest.approx(25.0) and s.mean_ms == pytest.approx(25.0) and s.min_ms == pytest.approx(10.0)
+    assert s.p90_ms == pytest.approx(37.0)
+    assert s.throughput == pytest.approx(8 / 0.025)
+
+
+@pytest.mark.slow
+def test_quality_sst2_matches_a_direct_evaluation(shared_data, minilm_path):
+    from ppkit.models import load_tokenizer
+
+    tok = load_tokenizer(minilm_path)
+    model = make_tiny_bert("BertForSequenceClassification", vocab_size=tok.vocab_size, max_position_embeddings=128)
+    data = shared_data / "glue" / "SST-2"
+
+    q = evaluate_quality(model, tok, "sst2", data=data, limit=24)
+
+    with open(data / "dev.tsv", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:25]
+    correct = 0
+    with torch.no_grad():
+        for sentence, label in rows:
+            logits = model(**tok(sentence, return_tensors="pt")).logits
+            correct += int(logits.argmax(-1).item() == int(label))
+    assert q["examples"] == 24
+    assert q["accuracy"] == pytest.approx(correct / 24)
+
+
+@pytest.mark.slow
+def test_quality_perplexity_of_random_gpt2_is_near_vocabulary_size(shared_data):
+    from ppkit.models import load_tokenizer
+
+    tok = load_tokenizer(shared_data / "tokenizers" / "gpt2")
+    model = make_tiny_gpt2(vocab_size=len(tok))
+    report = benchmark([model], task="ptb", data=shared_data / "lm" / "ptb", tokenizer=tok, eval_limit=2,
+                       batch_sizes=(1,), seq_len=16, repeats=2, warmup=0, backend="torch")
+    q = report.models[0].quality
+    # a randomly initialised LM is close to uniform over its vocabulary
+    assert len(tok) / 2 < q["perplexity"] < len(tok) * 2
+    assert q["loss"] == pytest.approx(math.log(q["perplexity"]))
+    assert q["tokens"] == 64 + 32  # two windows of the 64-position model, stride 32
+    assert report.settings["main_metric"] == "perplexity"
+
+
+@pytest.mark.slow
+def test_quality_squad_reports_exact_match_and_f1(shared_data, minilm_path):
+    from ppkit.models import load_tokenizer
+
+    tok = load_tokenizer(minilm_path)
+    model = make_tiny_bert("BertForQuestionAnswering", vocab_size=tok.vocab_size, max_position_embeddings=384)
+    q = evaluate_quality(model, tok, "squad", data=shared_data / "squad", limit=6, max_length=256)
+    assert q["examples"] == 6
+    assert set(q) >= {"exact_match", "f1"}
+    assert 0.0 <= q["exact_match"] <= q["f1"] <= 100.0  # token F1 is never below exact match

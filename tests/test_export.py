@@ -1,0 +1,190 @@
+"""ONNX export: onnxruntime == torch (<= 1e-4) on dense and pruned BERT / GPT-2, dynamic shapes,
+uneven / zero-head / zero-neuron layers, directory input, atomic writes, the real MiniLM."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_tiny_bert, make_tiny_gpt2, plan_for
+
+from ppkit.errors import ExportError, InputError, ModelLoadError, OutputError
+from ppkit.export import export_onnx, read_onnx_metadata, sample_inputs
+from ppkit.surgery import prune_model
+
+ATOL = 1e-4
+
+
+def ort_vs_torch(path, model, shapes, outputs, inputs_used) -> float:
+    """Run the exported file with onnxruntime on each (batch, seq) and return max |ort - torch|.
+
+    Independent of export_onnx's own check: a fresh session, other input sizes and seeds."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == inputs_used
+    worst = 0.0
+    for k, (batch, seq) in enumerate(shapes):
+        feed = sample_inputs(model, batch, seq, seed=1000 + k)
+        with torch.no_grad():
+            out = model(**{n: feed[n] for n in inputs_used}, **({"use_cache": False} if "gpt2" in type(model).__name__.lower() else {}))
+        got = session.run(outputs, {n: feed[n].numpy() for n in inputs_used})
+        for name, arr in zip(outputs, got):
+            ref = out[name].numpy()
+            assert arr.shape == ref.shape, (name, arr.shape, ref.shape)
+            worst = max(worst, float(np.abs(arr - ref).max()))
+    return worst
+
+
+def symbolic_dims(path) -> dict[str, list]:
+    proto = onnx.load(str(path))
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+
+
+BERT_HEADS = [
+    ("BertModel", ["last_hidden_state"]),
+    ("BertForSequenceClassification", ["logits"]),
+    ("BertForQuestionAnswering", ["start_logits", "end_logits"]),
+    ("BertForTokenClassification", ["logits"]),
+]
+
+
+@pytest.mark.parametrize("cls_name,outputs", BERT_HEADS)
+def test_pruned_bert_export_matches_torch(tmp_path, cls_name, outputs):
+    model = make_tiny_bert(cls_name)
+    plan = plan_for(model, seed=3, kind="zeros")  # uneven layers, zero heads, zero neurons
+    prune_model(model, plan)
+    assert 0 in model.config.ppkit_heads_per_layer and 0 in model.config.ppkit_neurons_per_layer
+
+    report = export_onnx(model, tmp_path / "m.onnx")
+
+    assert report.path == tmp_path / "m.onnx" and report.path.is_file()
+    assert report.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert report.outputs == outputs
+    assert report.max_abs_diff is not None and report.max_abs_diff <= ATOL
+    # the two checked sizes differ from each other in batch and sequence length
+    (b1, s1), (b2, s2) = report.checked_shapes
+    assert b1 != b2 and s1 != s2
+    assert symbolic_dims(report.path)["input_ids"] == ["batch", "sequence"]
+    # one file, two more sizes, with padding: the dynamic axes really are dynamic
+    assert ort_vs_torch(report.path, model, [(4, 9), (1, 31)], outputs, report.inputs) <= ATOL
+    meta = read_onnx_metadata(report.path)
+    assert meta["head"] == report.head and meta["family"] == "bert"
+    assert json.loads(meta["ppkit_heads_per_layer"]) == list(model.config.ppkit_heads_per_layer)
+
+
+@pytest.mark.parametrize("cls_name", ["GPT2LMHeadModel", "GPT2Model"])
+def test_pruned_gpt2_export_matches_torch(tmp_path, cls_name):
+    model = make_tiny_gpt2(cls_name)
+    prune_model(model, plan_for(model, seed=5, kind="zeros"))
+
+    report = export_onnx(model, tmp_path / "g.onnx")
+
+    outputs = ["logits"] if cls_name == "GPT2LMHeadModel" else ["last_hidden_state"]
+    assert report.inputs == ["input_ids", "attention_mask"]  # no token types, no KV cache inputs
+    assert report.outputs == outputs
+    assert report.max_abs_diff <= ATOL
+    proto = onnx.load(str(report.path))
+    assert [o.name for o in proto.graph.output] == outputs  # no present key/values
+    assert ort_vs_torch(report.path, model, [(2, 17), (5, 3)], outputs, report.inputs) <= ATOL
+
+
+def test_uneven_gpt2_without_empty_layers(tmp_path):
+    model = make_tiny_gpt2()
+    prune_model(model, plan_for(model, seed=1, kind="uneven"))
+    report = export_onnx(model, tmp_path / "g.onnx")
+    assert report.max_abs_diff <= ATOL
+    assert ort_vs_torch(report.path, model, [(3, 20)], ["logits"], report.inputs) <= ATOL
+
+
+def test_export_from_saved_pruned_directory(tmp_path):
+    from ppkit.saving import save_pruned
+
+    model = make_tiny_bert("BertForSequenceClassification", num_labels=3)
+    plan = plan_for(model, seed=2, kind="zeros")
+    prune_model(model, plan)
+    save_pruned(model, tmp_path / "pruned", plan=plan)
+
+    report = export_onnx(tmp_path / "pruned")
+
+    assert report.path == tmp_path / "pruned" / "model.onnx"
+    assert report.head == "sequence-classification" and report.outputs == ["logits"]
+    assert report.max_abs_diff <= ATOL
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    feed = sample_inputs(model, 2, 6)
+    logits = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+    assert logits.shape == (2, 3)
+    with torch.no_grad():
+        assert np.abs(logits - model(**feed).logits.numpy()).max() <= ATOL
+
+
+def test_head_base_exports_the_body_and_mismatch_is_an_input_error(tmp_path):
+    model = make_tiny_bert("BertForSequenceClassification")
+    report = export_onnx(model, tmp_path / "body.onnx", head="base")
+    assert report.outputs == ["last_hidden_state"] and report.max_abs_diff <= ATOL
+    with pytest.raises(InputError, match="question-answering"):
+        export_onnx(model, tmp_path / "qa.onnx", head="question-answering")
+    with pytest.raises(InputError, match="unknown head"):
+        export_onnx(model, tmp_path / "x.onnx", head="nonsense")
+    with pytest.raises(InputError, match="out_file"):
+        export_onnx(model)
+
+
+def test_missing_model_path_is_a_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError):
+        export_onnx(tmp_path / "no-such-model", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_restores_training_mode_and_attention(tmp_path):
+    model = make_tiny_bert(attn_implementation="sdpa").train()
+    export_onnx(model, tmp_path / "m.onnx")
+    assert model.training and all(m.training for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_failed_check_leaves_previous_file_and_no_temp_files(tmp_path):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous")
+    model = make_tiny_bert()
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(model, target, atol=-1.0)  # impossible tolerance: the check must fail
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    with pytest.raises(OutputError, match="exists"):
+        export_onnx(model, target, overwrite=False)
+    assert target.read_bytes() == b"previous"
+    report = export_onnx(model, target)  # overwrite=True by default
+    assert report.max_abs_diff <= ATOL and onnx.load(str(target)).graph.node
+
+
+def test_check_false_skips_verification(tmp_path):
+    report = export_onnx(make_tiny_gpt2(), tmp_path / "g.onnx", check=False)
+    assert report.max_abs_diff is None and report.checked_shapes == []
+    assert report.path.is_file()
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_on_dense_bert(tmp_path):
+    model = make_tiny_bert("BertForQuestionAnswering")
+    report = export_onnx(model, tmp_path / "d.onnx", exporter="dynamo")
+    assert report.exporter == "dynamo" and report.opset >= 18
+    assert report.max_abs_diff <= ATOL
+    assert ort_vs_torch(report.path, model, [(2, 11)], report.outputs, report.inputs) <= ATOL
+
+
+@pytest.mark.slow
+def test_minilm_pruned_at_random_plan_exports(tmp_path, minilm_path):
+    from ppkit.models import load_model
+
+    dense = load_model(minilm_path)
+    model = prune_model(copy.deepcopy(dense), plan_for(dense, seed=11, kind="zeros"))
+    report = export_onnx(model, tmp_path / "minilm.onnx")
+    assert report.max_abs_diff <= ATOL
+    assert ort_vs_torch(report.path, model, [(2, 40)], ["last_hidden_state"], report.inputs) <= ATOL
+    # pruning really shrank the graph: the file is smaller than the dense export
+    dense_report = export_onnx(dense, tmp_path / "dense.onnx", check=False)
+    assert report.path.stat().st_size < 0.9 * dense_report.path.stat().st_size

@@ -172,9 +172,9 @@ def _resolve_local(spec: TaskSpec, split: str, path: Path) -> Path:
     if split == "train":
         dev = next((path / n for n in _candidates(spec, "dev") if (path / n).is_file()), None)
         if dev is not None:
-            hint = (f". Only a dev/validation file ({dev.name}) is there (local WikiText-2 copies often ship "
-                    f"without train): to calibrate on it anyway, pass that file explicitly, --data {dev} "
-                    "(note that it is also the evaluation text)")
+            why = " (local WikiText-2 copies often ship without train)" if spec.kind == "lm" else ""
+            hint = (f". Only a dev/validation file ({dev.name}) is there{why}: to calibrate on it anyway, pass "
+                    f"that file explicitly, --data {dev} (note that it is also the evaluation text)")
     raise DataError(
         f"no {split} file for task {spec.name} in {path}: looked for {', '.join(tried[:6])}; "
         f"the directory has {', '.join(present) or 'nothing'}{hint}"
@@ -470,6 +470,24 @@ def check_max_length(max_length: int, tokenizer=None, max_positions: int | None 
     return max_length
 
 
+def task_max_length(spec: TaskSpec, max_length: int | None, tokenizer=None, max_positions: int | None = None,
+                    warns: list[str] | None = None) -> int:
+    """The sequence length to use: ``max_length`` when given (validated by :func:`check_max_length`),
+    else the task's default, shortened with a warning to the model's positions when the model is
+    shorter (a user who asked for nothing should not get an error about a length they never chose)."""
+    if max_length is not None:
+        return check_max_length(max_length, tokenizer, max_positions)
+    default = spec.max_length
+    if max_positions is not None and 0 < max_positions < default:
+        msg = (f"task {spec.name}'s default max length {default} is longer than the model's {max_positions} "
+               f"positions: using {max_positions}")
+        logger.warning(msg)
+        if warns is not None:
+            warns.append(msg)
+        default = max_positions
+    return check_max_length(default, tokenizer, max_positions)
+
+
 def _encode_rows(spec: TaskSpec, tokenizer, rows: Sequence[dict], max_length: int,
                  with_labels: bool) -> list[dict]:
     feats: list[dict] = []
@@ -647,9 +665,9 @@ def calibration_batches(task: str | TaskSpec, tokenizer, *, data: str | Path | N
         raise InputError(f"the number of calibration samples must be a positive integer, got {samples!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
-    max_length = check_max_length(spec.max_length if max_length is None else max_length, tokenizer, max_positions)
-    raw = load_split(spec, "train", data=data, require_labels=False)
     warns: list[str] = []
+    max_length = task_max_length(spec, max_length, tokenizer, max_positions, warns)
+    raw = load_split(spec, "train", data=data, require_labels=False)
     if spec.kind == "lm":
         rng = np.random.default_rng(seed)
         n_chunks = math.ceil(len(raw.lines) / LM_CHUNK_LINES)
@@ -744,7 +762,7 @@ def load_task_dataset(task: str | TaskSpec, tokenizer, split: str = "dev", *, da
     ``max_length`` tokens (the text is joined per 1000 lines and cut, as for calibration)."""
     spec = get_task(task)
     split = _split_name(split)
-    max_length = check_max_length(spec.max_length if max_length is None else max_length, tokenizer, max_positions)
+    max_length = task_max_length(spec, max_length, tokenizer, max_positions)
     raw = load_split(spec, split, data=data, require_labels=True)
     pad = pad_token_id(tokenizer)
     if spec.kind == "lm":

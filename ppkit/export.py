@@ -288,7 +288,7 @@ def export_onnx(
     if target.is_dir():
         target = target / "model.onnx"
     if target.exists() and not overwrite:
-        raise OutputError(f"{target} exists already; pass overwrite=True (CLI: --overwrite) to replace it")
+        raise OutputError(f"{target} exists already; pass overwrite=True to replace it")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ppkit.data import TaskDataset, load_task_dataset, pad_token_id, postprocess_qa
-from ppkit.errors import InputError, OutputError
+from ppkit.errors import InputError
 from ppkit.metrics import compute_task_metrics, model_max_positions
 from ppkit.tasks import TaskSpec, get_task
 
@@ -181,10 +181,9 @@ def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool)
 
 
 def _check_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise OutputError(f"output {out_dir} exists; choose another path or pass overwrite (--overwrite)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"output {out_dir} exists and is not a directory")
+    from ppkit.saving import check_output_dir
+
+    check_output_dir(out_dir, overwrite)  # also a parent that is a file / not writable, before any work
 
 
 def _barrier() -> None:

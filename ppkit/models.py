@@ -21,7 +21,16 @@ from torch import nn
 
 from .adapters import FAMILIES, get_adapter, supported_classes
 from .errors import InputError, ModelLoadError, UnsupportedModelError
-from .saving import HEAD_CLASSES, class_for_head, is_pruned_dir, load_pruned, quiet_transformers
+from .saving import (
+    HEAD_CLASSES,
+    WEIGHT_ERRORS,
+    class_for_head,
+    damaged_hint,
+    is_pruned_dir,
+    load_pruned,
+    one_line,
+    quiet_transformers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +125,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _family(model_type: str | None, where: str) -> str:
+    if not model_type:
+        raise ModelLoadError(f"{where}: config.json has no \"model_type\", so it is not a transformers model configuration")
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"{where} is a {model_type!r} model, which ppkit does not support; supported model types: "
@@ -173,8 +184,8 @@ def load_model(
         try:
             with quiet_transformers():
                 model = cls.from_pretrained(local, use_safetensors=None if allow_pickle else True, **kwargs)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot load the model in {local}: {exc}") from exc
+        except WEIGHT_ERRORS as exc:
+            raise ModelLoadError(f"cannot load the model in {local}: {one_line(exc)}{damaged_hint(exc)}") from exc
     else:
         name = str(name_or_path)
 

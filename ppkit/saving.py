@@ -184,14 +184,99 @@ def load_pruned(path: str | Path, head: str | None = None, num_labels: int | Non
     try:
         with quiet_transformers():
             model = cls.from_pretrained(path, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load the pruned model in {path}: {exc}") from exc
+    except WEIGHT_ERRORS as exc:
+        raise ModelLoadError(f"cannot load the pruned model in {path}: {one_line(exc)}{damaged_hint(exc)}") from exc
     shape = get_adapter(model).shape()
     if list(shape.heads_per_layer) != list(config["ppkit_heads_per_layer"]) or list(shape.neurons_per_layer) != list(
         config["ppkit_neurons_per_layer"]
     ):
         raise ModelLoadError(f"{path}: the loaded model does not have the sizes recorded in config.json")
+    if (path / PLAN_FILE).is_file():
+        check_saved_plan(path / PLAN_FILE, shape)
     return model.eval()
+
+
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ValueError, RuntimeError, KeyError, EOFError]
+    try:  # a truncated or garbled safetensors file raises safetensors' own error type
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        pass
+    return tuple(errors)
+
+
+#: what loading damaged weights raises (turned into ModelLoadError by the loaders)
+WEIGHT_ERRORS = _weight_errors()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' messages span several)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def damaged_hint(exc: BaseException) -> str:
+    """A hint for errors that mean the weights file itself is damaged (truncated copy, disk full)."""
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name == "SafetensorError" or "deserializ" in text or "incomplete" in text or "truncat" in text:
+        return " (the weights file is damaged or truncated: copy or re-create the model directory)"
+    return ""
+
+
+def check_saved_plan(plan_path: Path, shape: Any) -> PruningPlan:
+    """Read ``plan.json`` beside pruned weights and check it against the loaded model's shape.
+
+    A plan edited by hand into something invalid (out-of-range or unsorted indices, wrong layer
+    count, counts that differ from the weights) raises :class:`PlanError` naming the file, instead
+    of being trusted by whatever reads the plan later (reports, export, fine-tuning).
+    """
+    try:
+        plan = PruningPlan.from_json(plan_path)
+    except PlanError as exc:
+        raise PlanError(f"{plan_path} is not a valid pruning plan: {exc}; restore the file or delete it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"cannot read {plan_path}: {exc}") from None
+    try:
+        plan.validate(shape.num_layers, shape.num_heads, shape.ffn_dim)
+    except PlanError as exc:
+        raise PlanError(f"{plan_path} does not fit the saved model: {exc}; restore the file or delete it") from None
+    if plan.heads_per_layer != list(shape.heads_per_layer) or plan.neurons_per_layer != list(shape.neurons_per_layer):
+        raise PlanError(
+            f"{plan_path} does not match the saved weights: it keeps {plan.heads_per_layer} heads / "
+            f"{plan.neurons_per_layer} neurons per layer, the weights have {list(shape.heads_per_layer)} / "
+            f"{list(shape.neurons_per_layer)}; restore the file or delete it"
+        )
+    return plan
+
+
+def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--out") -> None:
+    """Refuse, before any work starts, an output directory that exists (without ``overwrite``), is a
+    file, or cannot be created or written (a parent is a file, no write permission).
+
+    :func:`atomic_output_dir` checks the same when it is entered, but only at the end of a run; this
+    preflight lets a command fail in a second instead of after minutes of work.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} exists; choose another {flag} or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory")
+    check_parent_writable(path, flag)
+
+
+def check_parent_writable(path: str | Path, flag: str = "--out") -> None:
+    """:class:`OutputError` unless ``path``'s nearest existing ancestor is a writable directory."""
+    path = Path(path)
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {path}: {parent} is a file, not a directory; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write to {parent} (permission denied): choose a writable {flag}")
 
 
 @contextlib.contextmanager

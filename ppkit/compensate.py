@@ -143,27 +143,42 @@ def collect_moments(
     return [LayerMoments(attention=l["attention"], ffn=l["ffn"]) for l in layers]
 
 
-def _relative_error(gram: torch.Tensor, theta_full: torch.Tensor, delta: torch.Tensor) -> float:
-    denom = float(torch.einsum("ij,ik,kj->", theta_full, gram, theta_full))
-    num = float(torch.einsum("ij,ik,kj->", delta, gram, delta))
-    return num / denom if denom > 0 else 0.0
-
-
-def _embed(rows: torch.Tensor, keep: torch.Tensor, n_total: int) -> torch.Tensor:
-    full = torch.zeros(n_total, rows.shape[1], dtype=rows.dtype)
-    full[keep] = rows
-    return full
-
-
-def solve_lstsq(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Kept rows (incl. the bias row, last) minimising |[x_K,1] t - [x,1] Theta|^2 + mu |t - Theta_K|^2."""
+def _held_out_error(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor):
+    """A function of new kept rows t giving the weighted relative output error on held-out tokens:
+    sum_t w_t |[x_t,K] t - [x_t,1] Theta|^2 / sum_t w_t |[x_t,1] Theta|^2, expanded so each call costs
+    one |K|^2 product instead of a full one."""
     g_kk = gram[keep][:, keep]
-    scale = float(g_kk.diagonal().mean()) if g_kk.numel() else 1.0
-    mu = ridge * max(scale, 1e-12)
+    cross = gram[keep] @ theta
+    total = float(((gram @ theta) * theta).sum())
+
+    def error(rows: torch.Tensor) -> float:
+        if total <= 0:
+            return 0.0
+        value = float(((g_kk @ rows) * rows).sum()) - 2.0 * float((rows * cross).sum()) + total
+        return max(value, 0.0) / total
+
+    return error
+
+
+def solve_lstsq(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor, ridges: Sequence[float]) -> list[tuple[float, torch.Tensor]]:
+    """Kept rows (incl. the bias row, last) minimising |[x_K,1] t - [x,1] Theta|^2 + mu |t - Theta_K|^2.
+
+    mu is given relative to the mean diagonal of G_KK. Returns (ridge, rows) pairs, one Cholesky
+    solve each, leaving out ridges for which the damped G_KK is not positive definite.
+    """
+    g_kk = gram[keep][:, keep]
+    scale = max(float(g_kk.diagonal().mean()), 1e-12) if g_kk.numel() else 1.0
     theta0 = theta[keep]
-    rhs = gram[keep] @ theta + mu * theta0
-    lhs = g_kk + mu * torch.eye(len(keep), dtype=gram.dtype)
-    return torch.linalg.solve(lhs, rhs)
+    cross = gram[keep] @ theta
+    eye = torch.eye(len(keep), dtype=gram.dtype)
+    solutions = []
+    for ridge in ridges:
+        mu = ridge * scale
+        factor, info = torch.linalg.cholesky_ex(g_kk + mu * eye)
+        if int(info) != 0:
+            continue  # singular without (enough) damping
+        solutions.append((ridge, torch.cholesky_solve(cross + mu * theta0, factor)))
+    return solutions
 
 
 def solve_merge(
@@ -270,24 +285,19 @@ def compensate_model(
             n = theta.shape[0] - 1
             keep_rows = torch.tensor([u * unit_size + i for u in units for i in range(unit_size)] + [n], dtype=torch.long)
             base_rows = theta[keep_rows]
-            err_before = _relative_error(mom.held, theta, _embed(base_rows, keep_rows, n + 1) - theta)
+            held_error = _held_out_error(mom.held, theta, keep_rows)
+            err_before = held_error(base_rows)
             best_rows, best_err, best_ridge = base_rows, err_before, None
             if len(keep_rows) < n + 1:  # something is pruned
                 if method == "lstsq":
-                    for ridge in RIDGE_GRID:
-                        try:
-                            cand = solve_lstsq(mom.fit, theta, keep_rows, ridge)
-                        except RuntimeError:
-                            continue
-                        err = _relative_error(mom.held, theta, _embed(cand, keep_rows, n + 1) - theta)
-                        if math.isfinite(err) and err < best_err:
-                            best_rows, best_err, best_ridge = cand, err, ridge
+                    candidates = solve_lstsq(mom.fit, theta, keep_rows, RIDGE_GRID)
                 else:
                     assignment = (assignments or {}).get((layer, kind))
-                    cand = solve_merge(mom.fit, theta, list(units), unit_size, assignment)
-                    err = _relative_error(mom.held, theta, _embed(cand, keep_rows, n + 1) - theta)
+                    candidates = [(None, solve_merge(mom.fit, theta, list(units), unit_size, assignment))]
+                for ridge, cand in candidates:
+                    err = held_error(cand)
                     if math.isfinite(err) and err < best_err:
-                        best_rows, best_err = cand, err
+                        best_rows, best_err, best_ridge = cand, err, ridge
             accepted = best_rows is not base_rows
             if accepted:
                 new_theta = theta.clone()

@@ -88,6 +88,8 @@ def prune(
     linkage: Linkage = typer.Option(Linkage.average, "--linkage", help="Dual-CP clustering: average (paper), complete, or reference (the authors' code: complete on Chebyshev distances)."),
     selection: Selection = typer.Option(Selection.centroid, "--selection", help="Dual-CP member kept per cluster: centroid (largest mean |activation|) or random (the paper's +MC ablation)."),
     threshold: Threshold = typer.Option(Threshold.exact, "--threshold", help="How the global distance threshold is found: exact (from the dendrograms) or scan (the paper's delta scan)."),
+    step: float = typer.Option(0.001, "--step", help="Step of the delta scan (--threshold scan; paper: 0.001)."),
+    rebalance: bool = typer.Option(True, "--rebalance/--no-rebalance", help="Give the FLOPs left by coarse head granularity to the FFN so the total lands on the budget (off: the strict lambda split)."),
     compensate: Compensation = typer.Option(Compensation.none, "--compensate", help="Fold what pruned units did into the kept weights: none (paper), lstsq or merge."),
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration batch size."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write plan.png (kept heads grid, kept neurons per layer)."),
@@ -108,7 +110,8 @@ def prune(
 
     budget = check_budget(flops)
     out_dir = out or _default_out(model, task, strategy, budget)
-    options = {"linkage": linkage.value, "selection": selection.value, "threshold": threshold.value}
+    options = {"linkage": linkage.value, "selection": selection.value, "threshold": threshold.value,
+               "step": step, "rebalance": rebalance}
     result = run_prune(
         model, task=task, flops=budget, strategy=strategy, data=data, samples=samples,
         max_length=max_length, tokens=tokens, lambda_=lambda_, seed=seed, flops_seq_len=flops_seq_len,

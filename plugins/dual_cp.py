@@ -12,7 +12,8 @@ Options (``ctx.options``):
 ``linkage``    ``"average"`` (paper, default) | ``"complete"`` | ``"reference"`` (the authors' code:
                ``pdist(D, 'chebyshev')`` then complete linkage).
 ``threshold``  ``"exact"`` (default): the smallest merge height over all layers' dendrograms that
-               meets the target; never over budget, never prunes more than the scan.
+               meets the target; never over budget and, for the same target, never prunes more
+               than the scan (with a step finer than the gaps between merge heights both agree).
                ``"scan"``: the paper's delta scan t = step, 2*step, ... (first t meeting the target).
 ``step``       scan step (default 0.001 as in the paper; the authors' code uses 0.0005 and builds
                masks one step *after* the first passing t, which is not reproduced).

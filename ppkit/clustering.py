@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .budget import BudgetSplit, achieved_split, count_within, split_budget
+from .budget import BudgetSplit, achieved_split, split_budget
 from .errors import BudgetError, InputError
 
 LINKAGES = ("average", "complete", "reference")

@@ -1,0 +1,427 @@
+"""Reproduce the paper's comparison (Fig. 5, Table 2) on real data: prune -> fine-tune -> evaluate.
+
+Model: the real ``all-MiniLM-L6-v2`` (BERT, 6 layers, 12 heads, hidden 384, FFN 1536). Tasks: the GLUE
+TSVs in ``../shared/data/glue`` (SST-2, MRPC, STS-B, RTE). For every *cell* (task, strategy, FLOPs
+budget, seed) the pipeline is exactly the library's:
+
+1. ``ppkit.pipeline.prune`` the pre-trained model (label-free calibration on the task's train split);
+2. sentence-embedding fidelity before fine-tuning: mean cosine between the dense and the pruned
+   model's mean-pooled embeddings of held-out dev sentences (how much of the pre-trained function the
+   selection keeps);
+3. ``ppkit.finetune.finetune`` on a seeded train subset (the fine-tuning wall time is recorded);
+4. the dev metric of the best epoch (accuracy; Spearman for STS-B).
+
+Strategies: ``dense`` (no pruning, budget 1.0), ``dual-cp`` (= the paper's "Ours" and Table 2 "+CS"),
+``dual-cp-mc`` (Table 2 "+MC": Dual-CP's clusters, a random member kept per cluster), ``kcm``,
+``random`` (3 seeds) and ``worst``. The CPU recipe (``RECIPE``) is recorded in every result.
+
+Each finished cell is one small JSON file under ``benchmarks/results/reproduce/``; a rerun skips it.
+Pruned and fine-tuned weights go to a cache directory outside the repo (``~/.cache/ppkit-bench`` or
+``$PPKIT_BENCH_CACHE``) and are deleted after the cell (``--keep-models`` keeps them).
+
+    python benchmarks/reproduce.py                                   # the whole grid (resumable)
+    python benchmarks/reproduce.py --tasks sst2,mrpc --seeds 0       # a part of it
+    python benchmarks/reproduce.py --only sst2/dual-cp/0.6/0         # (re)compute one cell
+    python benchmarks/reproduce.py --recompute mrpc/kcm/0.3/0        # recompute one cell, run the rest
+    python benchmarks/reproduce.py --list                            # show the grid and what is done
+    python benchmarks/make_report.py                                 # tables + plots into README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PPKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+GLUE = SHARED / "glue"
+RESULTS = REPO / "benchmarks" / "results" / "reproduce"
+CACHE = Path(os.environ.get("PPKIT_BENCH_CACHE", Path.home() / ".cache" / "ppkit-bench"))
+
+TASK_DIRS = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
+TASKS = tuple(TASK_DIRS)
+BUDGETS = (0.9, 0.7, 0.6, 0.5, 0.4, 0.3)
+# Run order of budgets: the Table-2 budget first, then the extremes, so a partial run is informative.
+BUDGET_PRIORITY = (0.6, 0.3, 0.9, 0.5, 0.7, 0.4)
+STRATEGIES = ("dual-cp", "random", "kcm", "worst")
+ABLATION_BUDGET = 0.6
+RANDOM_SEEDS = (0, 1, 2)
+ALL_STRATEGIES = ("dense", "dual-cp", "dual-cp-mc", "random", "kcm", "worst")
+LABELS = {"dense": "dense (no pruning)", "dual-cp": "Dual-CP (ours / +CS)", "dual-cp-mc": "+MC (clusters, random member)",
+          "random": "random", "kcm": "KCM", "worst": "worst"}
+
+log = logging.getLogger("reproduce")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The CPU recipe. Every field is recorded in each cell's JSON; cells from another recipe are stale."""
+
+    name: str = "cpu-v1"
+    calibration_samples: int = 1000      # paper: 3000
+    tokens: int = 200                    # T, as the paper
+    lambda_: float = 5.0                 # as the paper
+    train_limit: dict = field(default_factory=lambda: {"sst2": 3000, "mrpc": 2000, "stsb": 2000, "rte": 2000})
+    epochs: int = 1                      # paper: 3 (BERT setting)
+    batch_size: int = 16                 # paper: 32
+    learning_rate: float = 1e-4          # paper: 2e-5 (BERT-base); a small model, few steps
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: dict = field(default_factory=lambda: {"sst2": 64, "mrpc": 128, "stsb": 128, "rte": 128})
+    eval_limit: int | None = None        # None = the full dev set
+    finetune_seed: int = 0               # the same for every cell: differences come from the plan
+    fidelity_sentences: int = 500
+    threads: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def task_recipe(recipe: dict, task: str) -> dict:
+    """The part of a recipe (as recorded in a result) that decides ``task``'s numbers: the per-task
+    dicts reduced to that task, so changing one task's subset leaves the other tasks' cells valid."""
+    return {k: (v.get(task) if isinstance(v, dict) else v) for k, v in recipe.items() if k != "name"}
+
+
+RECIPE = Recipe()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point. ``seed`` is the pruning seed (calibration sample, random choices)."""
+
+    task: str
+    strategy: str
+    budget: float
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.task}/{self.strategy}/{self.budget:g}/{self.seed}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.task}__{self.strategy}__{self.budget:g}__s{self.seed}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Cell":
+        parts = text.strip().strip("/").split("/")
+        if len(parts) not in (3, 4):
+            raise SystemExit(f"cell {text!r}: expected TASK/STRATEGY/BUDGET[/SEED], e.g. sst2/dual-cp/0.6/0")
+        task, strategy, budget = parts[0].lower(), parts[1].lower(), float(parts[2])
+        if task not in TASK_DIRS:
+            raise SystemExit(f"cell {text!r}: task must be one of {', '.join(TASKS)}")
+        if strategy not in ALL_STRATEGIES:
+            raise SystemExit(f"cell {text!r}: strategy must be one of {', '.join(ALL_STRATEGIES)}")
+        return cls(task, strategy, 1.0 if strategy == "dense" else budget, int(parts[3]) if len(parts) == 4 else 0)
+
+
+def grid(tasks=TASKS, budgets=BUDGETS, strategies=ALL_STRATEGIES, seeds=RANDOM_SEEDS) -> list[Cell]:
+    """All cells in run-priority order: dense and the Table-2 ablation first, then the FLOPs sweep by
+    budget priority (tasks interleaved), then the extra random seeds."""
+    cells: list[Cell] = []
+    budgets = [b for b in BUDGET_PRIORITY if b in budgets] + [b for b in budgets if b not in BUDGET_PRIORITY]
+    for t in tasks:
+        if "dense" in strategies:
+            cells.append(Cell(t, "dense", 1.0, 0))
+    for b in budgets:
+        for t in tasks:
+            for s in ("dual-cp", "random", "kcm", "worst", "dual-cp-mc"):
+                if s not in strategies or (s == "dual-cp-mc" and b != ABLATION_BUDGET):
+                    continue
+                if s == "random" and 0 not in seeds:
+                    continue
+                cells.append(Cell(t, s, b, 0))
+    for seed in seeds:
+        if seed == 0 or "random" not in strategies:
+            continue
+        for b in budgets:
+            for t in tasks:
+                cells.append(Cell(t, "random", b, seed))
+    return cells
+
+
+# ------------------------------------------------------------------------------------------- one cell
+
+
+_DENSE: dict[str, Any] = {}
+
+
+def _dense_model(model_path: Path = MINILM):
+    from ppkit.models import load_model, load_tokenizer
+
+    key = ("model", str(model_path))
+    if key not in _DENSE:
+        _DENSE[key] = (load_model(str(model_path), head="base").eval(), load_tokenizer(str(model_path)))
+    return _DENSE[key]
+
+
+def fidelity_texts(task: str, n: int) -> list[str]:
+    """``n`` held-out sentences: the task's dev split, every text column in row order (never train,
+    which calibration samples)."""
+    from ppkit.data import load_split
+
+    raw = load_split(task, "dev", data=GLUE / TASK_DIRS[task], require_labels=False)
+    texts: list[str] = []
+    for row in raw.rows:
+        texts.extend(t for t in (row.get("text_a"), row.get("text_b")) if t)
+        if len(texts) >= n:
+            break
+    return texts[:n]
+
+
+def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 64):
+    """Sentence embeddings as all-MiniLM-L6-v2 makes them: mean over non-padding tokens."""
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            outs.append((h * m).sum(1) / m.sum(1).clamp(min=1.0))
+    return torch.cat(outs)
+
+
+def embedding_fidelity(pruned, task: str, n: int, model_path: Path = MINILM) -> dict[str, float]:
+    """Cosine between dense and pruned mean-pooled embeddings of ``n`` dev sentences."""
+    import torch
+
+    dense, tok = _dense_model(model_path)
+    texts = fidelity_texts(task, n)
+    key = ("emb", str(model_path), task, n)
+    if key not in _DENSE:
+        _DENSE[key] = mean_pooled(dense, tok, texts)
+    cos = torch.nn.functional.cosine_similarity(_DENSE[key], mean_pooled(pruned.eval(), tok, texts), dim=-1)
+    q = torch.quantile(cos, torch.tensor([0.1, 0.5]))
+    return {"mean_cosine": float(cos.mean()), "p10_cosine": float(q[0]), "median_cosine": float(q[1]),
+            "sentences": len(texts)}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus_visible": os.cpu_count(), "platform": platform.platform()}
+
+
+def result_path(results_dir: Path, cell: Cell) -> Path:
+    return results_dir / f"{cell.slug}.json"
+
+
+def load_result(results_dir: Path, cell: Cell) -> dict | None:
+    path = result_path(results_dir, cell)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def run_cell(cell: Cell, *, recipe: Recipe = RECIPE, results_dir: Path = RESULTS, cache_dir: Path = CACHE,
+             model_path: Path = MINILM, force: bool = False, keep_models: bool = False,
+             command: str | None = None) -> tuple[dict, bool]:
+    """Run one cell (prune -> fidelity -> fine-tune -> dev metric) and write its JSON.
+
+    Returns ``(result, computed)``; an existing result of the same recipe is returned as is
+    (``computed=False``) unless ``force``. Weights live under ``cache_dir`` and are deleted afterwards
+    unless ``keep_models``."""
+    import torch
+
+    from ppkit.finetune import finetune
+    from ppkit.pipeline import prune, versions
+
+    existing = load_result(results_dir, cell)
+    if existing is not None and not force:
+        if task_recipe(existing.get("recipe", {}), cell.task) != task_recipe(recipe.to_dict(), cell.task):
+            log.warning("%s: cached result is from another recipe (stale); use --recompute %s", cell.id, cell.id)
+        return existing, False
+
+    torch.set_num_threads(recipe.threads)
+    data = GLUE / TASK_DIRS[cell.task]
+    work = cache_dir / "reproduce" / f"{cell.slug}-{recipe.key()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    out: dict[str, Any] = {"cell": cell.id, "task": cell.task, "strategy": cell.strategy, "budget": cell.budget,
+                           "seed": cell.seed, "label": LABELS[cell.strategy]}
+    try:
+        from ppkit.errors import BudgetError
+
+        if cell.strategy == "dense":
+            ft_source: Any = str(model_path)
+            out["prune"] = {"flops_ratio": 1.0, "params_after": None, "timings_s": {}}
+            out["fidelity"] = {"mean_cosine": 1.0, "p10_cosine": 1.0, "median_cosine": 1.0,
+                               "sentences": recipe.fidelity_sentences}
+        else:
+            strategy = "dual-cp" if cell.strategy == "dual-cp-mc" else cell.strategy
+            options = {"selection": "random"} if cell.strategy == "dual-cp-mc" else {}
+            try:
+                res = prune(str(model_path), task=cell.task, flops=cell.budget, strategy=strategy, data=data,
+                            samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_,
+                            seed=cell.seed, options=options, out=work / "pruned", plot=False, progress=False,
+                            max_length=recipe.max_length[cell.task])
+            except BudgetError as exc:
+                # e.g. KCM prunes FFN neurons only and cannot reach low budgets: a result, not a crash
+                return _write(results_dir, cell, {**out, "infeasible": str(exc), "prune": None, "fidelity": None,
+                                                  "finetune": None}, recipe, start, load_before, model_path,
+                              command), True
+            r = res.report
+            out["prune"] = {k: r[k] for k in ("flops_ratio", "mha_flops_ratio", "ffn_flops_ratio", "flops_seq_len",
+                                              "params_before", "params_after", "heads_per_layer",
+                                              "neurons_per_layer", "samples", "tokens", "lambda", "options")}
+            out["prune"]["timings_s"] = {k: round(v, 2) for k, v in r["timings_s"].items()}
+            out["fidelity"] = embedding_fidelity(res.model, cell.task, recipe.fidelity_sentences, model_path)
+            ft_source = str(work / "pruned")
+            del res
+        cpu0 = time.process_time()  # CPU time is less sensitive than wall time to other jobs on a shared machine
+        ft = finetune(ft_source, cell.task, out_dir=work / "finetuned", data=data, epochs=recipe.epochs,
+                      batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+                      max_length=recipe.max_length[cell.task], seed=recipe.finetune_seed,
+                      train_limit=recipe.train_limit[cell.task], eval_limit=recipe.eval_limit, progress=False,
+                      weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio,
+                      checkpoint_dir=work / "checkpoints")
+        out["finetune"] = {
+            "metric": ft.metric, "best_metric": ft.best_metric, "best_epoch": ft.best_epoch,
+            "dev_metrics": ft.best_metrics,
+            "train_seconds": sum(e.train_seconds for e in ft.epochs),
+            "eval_seconds": sum(e.eval_seconds for e in ft.epochs),
+            "total_seconds": ft.total_seconds,
+            "cpu_seconds": time.process_time() - cpu0,  # the whole finetune() call: load, train, evaluate
+            "epochs": [{"epoch": e.epoch, "metrics": e.metrics, "train_seconds": e.train_seconds} for e in ft.epochs],
+            "train_examples": ft.settings["train_examples"], "eval_examples": ft.settings["eval_examples"],
+            "params": sum(p.numel() for p in ft.model.parameters()),
+        }
+    finally:
+        if not keep_models:
+            shutil.rmtree(work, ignore_errors=True)
+    return _write(results_dir, cell, out, recipe, start, load_before, model_path, command), True
+
+
+def _write(results_dir: Path, cell: Cell, out: dict, recipe: Recipe, start: float, load_before, model_path: Path,
+           command: str | None) -> dict:
+    import torch
+
+    from ppkit.pipeline import versions
+
+    out.update({
+        "recipe": recipe.to_dict(), "recipe_key": recipe.key(),
+        "wall_seconds": time.perf_counter() - start,
+        "loadavg_1m": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "torch_threads": torch.get_num_threads(),
+        "machine": machine(), "versions": versions(),
+        "model": model_path.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command or f"python benchmarks/reproduce.py --only {cell.id}",
+    })
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = result_path(results_dir, cell)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _csv(text: str | None, cast=str) -> list | None:
+    return None if text is None else [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def _clock(text: str) -> float:
+    """Epoch seconds of the next local HH:MM."""
+    h, m = (int(x) for x in text.split(":"))
+    now = time.localtime()
+    t = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, h, m, 0, 0, 0, -1))
+    return t if t > time.time() - 12 * 3600 else t + 86400
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Reproduce the paper's Fig. 5 / Table 2 comparison on MiniLM + GLUE "
+                                            "(resumable; one JSON per cell).")
+    p.add_argument("--tasks", help=f"comma list of {','.join(TASKS)}")
+    p.add_argument("--budgets", help="comma list of FLOPs ratios to keep (default 0.9,0.7,0.6,0.5,0.4,0.3)")
+    p.add_argument("--strategies", help=f"comma list of {','.join(ALL_STRATEGIES)}")
+    p.add_argument("--seeds", help="random-strategy seeds (default 0,1,2)")
+    p.add_argument("--only", action="append", default=[], metavar="CELL",
+                   help="run only this cell TASK/STRATEGY/BUDGET/SEED, recomputing it (repeatable)")
+    p.add_argument("--recompute", action="append", default=[], metavar="CELL",
+                   help="recompute this cell even if cached (repeatable); the rest of the grid runs as usual")
+    p.add_argument("--max-cells", type=int, help="stop after computing this many cells")
+    p.add_argument("--deadline", type=float, help="launch no new cell after this many minutes")
+    p.add_argument("--stop-at", type=_clock, help="launch no new cell after this local time (HH:MM)")
+    p.add_argument("--list", action="store_true", help="print the grid with done / todo and exit")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--cache", type=Path, default=CACHE)
+    p.add_argument("--keep-models", action="store_true", help="keep pruned / fine-tuned weights in the cache")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    for noisy in ("ppkit", "transformers", "ppkit.finetune"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    if args.only:
+        cells = [Cell.parse(c) for c in args.only]
+        force = {c.id for c in cells}
+    else:
+        cells = grid(tasks=_csv(args.tasks) or TASKS, budgets=_csv(args.budgets, float) or BUDGETS,
+                     strategies=_csv(args.strategies) or ALL_STRATEGIES, seeds=_csv(args.seeds, int) or RANDOM_SEEDS)
+        force = {Cell.parse(c).id for c in args.recompute}
+        cells += [Cell.parse(c) for c in args.recompute if Cell.parse(c) not in cells]
+    if args.list:
+        for c in cells:
+            r = load_result(args.results, c)
+            status = ("todo" if r is None else "infeasible" if r.get("finetune") is None
+                      else f"done {r['finetune']['metric']}={r['finetune']['best_metric']:.4f}")
+            print(f"{c.id:28s} {status}")
+        return 0
+
+    command = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    t0 = time.perf_counter()
+    done = 0
+    for i, cell in enumerate(cells, 1):
+        if (args.deadline is not None and (time.perf_counter() - t0) / 60 > args.deadline) or (
+                args.stop_at is not None and time.time() > args.stop_at):
+            log.info("deadline reached: not launching %s and later cells", cell.id)
+            break
+        if args.max_cells is not None and done >= args.max_cells:
+            break
+        res, computed = run_cell(cell, results_dir=args.results, cache_dir=args.cache, force=cell.id in force,
+                                 keep_models=args.keep_models, command=command.strip())
+        done += computed
+        ft = res["finetune"]
+        if ft is None:
+            log.info("[%d/%d] %s %s: infeasible (%s)", i, len(cells), cell.id, "computed" if computed else "cached",
+                     res.get("infeasible"))
+            continue
+        log.info("[%d/%d] %s %s: %s=%.4f fidelity=%.3f flops=%.3f ft_train=%.0fs (%s)", i, len(cells), cell.id,
+                 "computed" if computed else "cached", ft["metric"], ft["best_metric"], res["fidelity"]["mean_cosine"],
+                 res["prune"]["flops_ratio"], ft["train_seconds"],
+                 f"{res['wall_seconds']:.0f}s" if computed else "skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""Smoke test of benchmarks/reproduce.py: one real cell (MiniLM, SST-2, Dual-CP at 60% FLOPs) end to
+end through ``run_cell`` on a tiny subset, then the cache skip on rerun."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_bench", REPO / "benchmarks" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
+    rp = _load_reproduce()
+    recipe = rp.Recipe(name="smoke", calibration_samples=64, train_limit={"sst2": 48}, eval_limit=48,
+                       batch_size=16, fidelity_sentences=24)
+    cell = rp.Cell.parse("sst2/dual-cp/0.6/0")
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    start = time.perf_counter()
+    res, computed = rp.run_cell(cell, recipe=recipe, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
+    assert computed
+    assert time.perf_counter() - start < 60
+
+    path = results / "sst2__dual-cp__0.6__s0.json"
+    on_disk = json.loads(path.read_text())
+    assert on_disk["cell"] == "sst2/dual-cp/0.6/0" and on_disk["recipe_key"] == recipe.key()
+    assert on_disk["prune"]["flops_ratio"] <= 0.6 + 1e-9
+    assert on_disk["prune"]["params_after"] < on_disk["prune"]["params_before"]
+    # pruning changes the embeddings, but the pruned model still resembles the dense one
+    assert 0.0 < on_disk["fidelity"]["mean_cosine"] < 0.9999
+    ft = on_disk["finetune"]
+    assert ft["metric"] == "accuracy" and 0.0 <= ft["best_metric"] <= 1.0
+    assert ft["train_examples"] == 48 and ft["eval_examples"] == 48 and ft["train_seconds"] > 0
+    # weights are deleted from the cache; only the small JSON stays
+    assert not any(p.suffix == ".safetensors" for p in cache.rglob("*"))
+
+    # rerun: skipped from the cache, instantly, same numbers; a forced run recomputes
+    start = time.perf_counter()
+    again, computed = rp.run_cell(cell, recipe=recipe, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
+    assert not computed and again == on_disk
+    assert time.perf_counter() - start < 1.0
+
+    # a budget the strategy cannot reach (KCM prunes FFN neurons only) is recorded as infeasible, not a crash
+    kcm, computed = rp.run_cell(rp.Cell.parse("sst2/kcm/0.2/0"), recipe=recipe, results_dir=results, cache_dir=cache,
+                                model_path=Path(minilm_path))
+    assert computed and kcm["finetune"] is None and "cannot be reached" in kcm["infeasible"]
+    assert (results / "sst2__kcm__0.2__s0.json").is_file()
+
+    # the CLI's cell parsing and grid ordering
+    assert rp.Cell.parse("mrpc/dense/0.3").budget == 1.0
+    g = rp.grid(tasks=["sst2"], seeds=[0])
+    assert g[0].strategy == "dense" and g[1].budget == 0.6
+    assert sum(c.strategy == "dual-cp-mc" for c in g) == 1 and len(g) == 1 + 6 * 4 + 1

@@ -17,6 +17,11 @@ from ppkit.errors import PpkitError
 
 stdout = Console()
 stderr = Console(stderr=True)
+# Piped or captured output has no terminal width; 80 columns would squeeze the tables unreadably.
+if not stdout.is_terminal:
+    stdout = Console(width=140)
+if not stderr.is_terminal:
+    stderr = Console(stderr=True, width=140)
 
 app = typer.Typer(
     name="ppkit",

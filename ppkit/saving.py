@@ -48,14 +48,21 @@ HEAD_CLASSES: dict[str, dict[str, str]] = {
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own progress bars while ppkit loads or saves (ppkit reports progress itself)."""
+    """Silence transformers' progress bars and load reports while ppkit loads or saves.
+
+    ppkit reports progress itself, and a freshly initialised task head on a pre-trained body is
+    expected here, so the multi-line "LOAD REPORT" table is noise for a ppkit user.
+    """
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 

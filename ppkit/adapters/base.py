@@ -50,16 +50,54 @@ class ArchitectureAdapter(ABC):
     supported_classes: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
+        from ..errors import UnsupportedModelError
+
         self.model = model
+        if getattr(model.config, "add_cross_attention", False):
+            raise UnsupportedModelError(f"{self.family} models with cross-attention layers are not supported by ppkit")
+        self.base = model.base_model
+        self.layers = self._layer_stack(self.base)
+        self.head_dim = model.config.hidden_size // model.config.num_attention_heads
 
     @classmethod
-    @abstractmethod
     def matches(cls, model: nn.Module) -> bool:
-        """True when this adapter understands ``model``."""
+        """True when ``model`` is an instance of one of ``supported_classes``."""
+        import transformers
 
-    @abstractmethod
+        return isinstance(model, tuple(getattr(transformers, name) for name in cls.supported_classes))
+
     def shape(self) -> ModelShape:
         """Current sizes of the model's transformer stack."""
+        config = self.model.config
+        sizes = [self._layer_sizes(layer) for layer in self.layers]
+        return ModelShape(
+            family=self.family,
+            num_layers=len(self.layers),
+            num_heads=config.num_attention_heads,
+            head_dim=self.head_dim,
+            hidden_size=config.hidden_size,
+            ffn_dim=self._dense_ffn_dim(config),
+            heads_per_layer=tuple(h for h, _ in sizes),
+            neurons_per_layer=tuple(n for _, n in sizes),
+            max_positions=config.max_position_embeddings,
+            is_causal=self._is_causal(config),
+        )
+
+    @abstractmethod
+    def _layer_stack(self, base: nn.Module) -> nn.ModuleList:
+        """The list of transformer layers of the base model."""
+
+    @abstractmethod
+    def _layer_sizes(self, layer: nn.Module) -> tuple[int, int]:
+        """(heads, neurons) one layer has now."""
+
+    @abstractmethod
+    def _dense_ffn_dim(self, config) -> int:
+        """FFN width of the dense model, from its config."""
+
+    @abstractmethod
+    def _is_causal(self, config) -> bool:
+        """Whether attention is causal (decoder)."""
 
     @abstractmethod
     def head_context_module(self, layer: int) -> nn.Module:

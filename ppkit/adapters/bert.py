@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import PlanError, UnsupportedModelError
+from ..errors import PlanError
 from ..modeling_pruned import bert_layer_sizes, resize_bert_layer
-from .base import ArchitectureAdapter, ModelShape
+from .base import ArchitectureAdapter
 
 SUPPORTED_BERT_CLASSES = (
     "BertModel",
@@ -24,12 +24,6 @@ SUPPORTED_BERT_CLASSES = (
     "BertForMaskedLM",
     "BertForTokenClassification",
 )
-
-
-def _supported_types() -> tuple[type, ...]:
-    import transformers
-
-    return tuple(getattr(transformers, name) for name in SUPPORTED_BERT_CLASSES)
 
 
 def check_keep(indices: Sequence[int], size: int, what: str) -> list[int]:
@@ -64,33 +58,17 @@ class BertAdapter(ArchitectureAdapter):
     family = "bert"
     supported_classes = SUPPORTED_BERT_CLASSES
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        if getattr(model.config, "add_cross_attention", False):
-            raise UnsupportedModelError("BERT models with cross-attention layers are not supported by ppkit")
-        self.base = model.base_model
-        self.layers = self.base.encoder.layer
-        self.head_dim = model.config.hidden_size // model.config.num_attention_heads
+    def _layer_stack(self, base: nn.Module) -> nn.ModuleList:
+        return base.encoder.layer
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, _supported_types())
+    def _layer_sizes(self, layer: nn.Module) -> tuple[int, int]:
+        return bert_layer_sizes(layer, self.head_dim)
 
-    def shape(self) -> ModelShape:
-        config = self.model.config
-        sizes = [bert_layer_sizes(layer, self.head_dim) for layer in self.layers]
-        return ModelShape(
-            family=self.family,
-            num_layers=len(self.layers),
-            num_heads=config.num_attention_heads,
-            head_dim=self.head_dim,
-            hidden_size=config.hidden_size,
-            ffn_dim=config.intermediate_size,
-            heads_per_layer=tuple(h for h, _ in sizes),
-            neurons_per_layer=tuple(n for _, n in sizes),
-            max_positions=config.max_position_embeddings,
-            is_causal=bool(config.is_decoder),
-        )
+    def _dense_ffn_dim(self, config) -> int:
+        return config.intermediate_size
+
+    def _is_causal(self, config) -> bool:
+        return bool(config.is_decoder)
 
     def head_context_module(self, layer: int) -> nn.Module:
         return self.layers[layer].attention.output.dense

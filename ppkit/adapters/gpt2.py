@@ -13,9 +13,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
 from ..modeling_pruned import gpt2_block_sizes, resize_gpt2_block
-from .base import ArchitectureAdapter, ModelShape
+from .base import ArchitectureAdapter
 from .bert import check_keep, fill_resized, head_columns, replace_parameter
 
 SUPPORTED_GPT2_CLASSES = (
@@ -26,45 +25,23 @@ SUPPORTED_GPT2_CLASSES = (
 )
 
 
-def _supported_types() -> tuple[type, ...]:
-    import transformers
-
-    return tuple(getattr(transformers, name) for name in SUPPORTED_GPT2_CLASSES)
-
-
 class GPT2Adapter(ArchitectureAdapter):
     """Structure of GPT-2: ``h[l].attn`` (fused ``c_attn``, ``c_proj``) and ``h[l].mlp`` (``c_fc``, ``c_proj``)."""
 
     family = "gpt2"
     supported_classes = SUPPORTED_GPT2_CLASSES
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        if getattr(model.config, "add_cross_attention", False):
-            raise UnsupportedModelError("GPT-2 models with cross-attention layers are not supported by ppkit")
-        self.base = model.base_model
-        self.layers = self.base.h
-        self.head_dim = model.config.hidden_size // model.config.num_attention_heads
+    def _layer_stack(self, base: nn.Module) -> nn.ModuleList:
+        return base.h
 
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, _supported_types())
+    def _layer_sizes(self, layer: nn.Module) -> tuple[int, int]:
+        return gpt2_block_sizes(layer, self.head_dim)
 
-    def shape(self) -> ModelShape:
-        config = self.model.config
-        sizes = [gpt2_block_sizes(block, self.head_dim) for block in self.layers]
-        return ModelShape(
-            family=self.family,
-            num_layers=len(self.layers),
-            num_heads=config.num_attention_heads,
-            head_dim=self.head_dim,
-            hidden_size=config.hidden_size,
-            ffn_dim=config.n_inner if config.n_inner is not None else 4 * config.hidden_size,
-            heads_per_layer=tuple(h for h, _ in sizes),
-            neurons_per_layer=tuple(n for _, n in sizes),
-            max_positions=config.n_positions,
-            is_causal=True,
-        )
+    def _dense_ffn_dim(self, config) -> int:
+        return config.n_inner if config.n_inner is not None else 4 * config.hidden_size
+
+    def _is_causal(self, config) -> bool:
+        return True
 
     def head_context_module(self, layer: int) -> nn.Module:
         return self.layers[layer].attn.c_proj

@@ -69,7 +69,7 @@ def test_linearly_dependent_neurons_are_recovered_exactly(method):
     assert (last_hidden(pruned, batches) - dense).abs().max().item() <= 1e-4
 
 
-def test_compensated_masked_pruned_reloaded_agree(tmp_path):
+def test_compensated_masked_pruned_reloaded_onnx_agree(tmp_path):
     model = make_tiny_gpt2("GPT2LMHeadModel")
     plan = plan_for(model, seed=3, kind="zeros")
     batches = random_batches(model)
@@ -81,6 +81,10 @@ def test_compensated_masked_pruned_reloaded_agree(tmp_path):
     reloaded = load_pruned(out)
     assert (last_hidden(pruned, batches) - masked).abs().max().item() <= 1e-5
     assert (last_hidden(reloaded, batches) - masked).abs().max().item() <= 1e-5
+    from ppkit.export import export_onnx
+
+    report = export_onnx(out)  # checks onnxruntime against torch on two input sizes, raises above 1e-4
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
 
 
 @pytest.mark.slow

@@ -1,0 +1,266 @@
+"""Does `--compensate` make a pruned model better *before* fine-tuning? (real all-MiniLM-L6-v2)
+
+For dual-cp, random (3 seeds), worst and kcm at FLOPs 0.8 / 0.6 / 0.4, each with compensation
+none / merge / lstsq, this measures on held-out SST-2 dev sentences:
+
+- fidelity to the dense model: mean cosine between dense and pruned mean-pooled embeddings, and the
+  relative error |H_pruned - H_dense| / |H_dense| of the last hidden states (padding excluded);
+- SST-2 dev accuracy of a logistic-regression probe trained on frozen mean-pooled embeddings of
+  SST-2 train sentences (the dense model's probe is the reference);
+- the time of the compensation solve, and of collecting its moments, beside a plain forward pass
+  over the same calibration batches.
+
+Statistics and moments are collected once on the dense model and shared by every cell. Results:
+``benchmarks/results/compensation.json`` and ``compensation.png``.
+
+    python benchmarks/compensation.py                 # the full grid (~20-40 min on 2 busy cores)
+    python benchmarks/compensation.py --budgets 0.6 --strategies dual-cp --probe-train 500   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PPKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
+SST2 = SHARED / "glue" / "SST-2"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def pooled_and_hidden(model, batches) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    pooled, hidden = [], []
+    with torch.inference_mode():
+        for b in batches:
+            h = model(**b).last_hidden_state
+            mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+            pooled.append((h * mask).sum(1) / mask.sum(1))
+            hidden.append(h[b["attention_mask"].bool()])
+    return torch.cat(pooled), hidden
+
+
+def probe_accuracy(train_x, train_y, dev_x, dev_y, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(train_x), train_y)
+    return float(clf.score(scaler.transform(dev_x), dev_y))
+
+
+def batches_of(dataset, tokenizer, batch_size: int = 64):
+    collate = dataset.collator(tokenizer)
+    feats = [dataset[i] for i in range(len(dataset))]
+    out, labels = [], []
+    for i in range(0, len(feats), batch_size):
+        batch = collate(feats[i:i + batch_size])
+        labels.append(batch.pop("labels"))
+        out.append({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+    return out, torch.cat(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="0.8,0.6,0.4")
+    parser.add_argument("--strategies", default="dual-cp,random,worst,kcm")
+    parser.add_argument("--methods", default="none,merge,lstsq")
+    parser.add_argument("--random-seeds", default="0,1,2")
+    parser.add_argument("--samples", type=int, default=1000, help="calibration samples (SST-2 train)")
+    parser.add_argument("--probe-train", type=int, default=2000, help="SST-2 train sentences for the probe")
+    parser.add_argument("--out", type=Path, default=RESULTS / "compensation.json")
+    parser.add_argument("--report-only", action="store_true", help="only regenerate the README section from --out")
+    args = parser.parse_args()
+    if args.report_only:
+        write_readme_section(json.loads(args.out.read_text(encoding="utf-8")))
+        return
+    torch.manual_seed(0)
+
+    from ppkit import registry
+    from ppkit.adapters import get_adapter
+    from ppkit.compensate import collect_moments, compensate_model
+    from ppkit.data import calibration_batches, load_task_dataset
+    from ppkit.models import load_model, load_tokenizer
+    from ppkit.pipeline import versions
+    from ppkit.plotting import save_figure
+    from ppkit.statistics import collect_statistics
+    from ppkit.surgery import prune_model
+
+    dense = load_model(MINILM)
+    tokenizer = load_tokenizer(MINILM)
+    adapter = get_adapter(dense)
+    shape = adapter.shape()
+    calib = calibration_batches("sst2", tokenizer, data=SST2, samples=args.samples, seed=0)
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in calib.batches:
+            dense(**b)
+    forward_s = time.perf_counter() - t0
+    stats = collect_statistics(dense, calib.batches, tokens=200, seed=0, progress=False)
+    t0 = time.perf_counter()
+    moments = collect_moments(dense, calib.batches, seed=0)
+    moments_s = time.perf_counter() - t0
+
+    probe_train = load_task_dataset("sst2", tokenizer, "train", data=SST2, limit=args.probe_train, limit_seed=1)
+    train_batches, train_y = batches_of(probe_train, tokenizer)
+    dev_batches, dev_y = batches_of(load_task_dataset("sst2", tokenizer, "dev", data=SST2), tokenizer)
+
+    def evaluate(model) -> dict[str, float]:
+        dev_pooled, dev_hidden = pooled_and_hidden(model, dev_batches)
+        train_pooled, _ = pooled_and_hidden(model, train_batches)
+        cos = torch.nn.functional.cosine_similarity(dev_pooled, dense_dev_pooled).mean().item()
+        num = sum(float((h - d).pow(2).sum()) for h, d in zip(dev_hidden, dense_dev_hidden))
+        den = sum(float(d.pow(2).sum()) for d in dense_dev_hidden)
+        acc = probe_accuracy(train_pooled.numpy(), train_y.numpy(), dev_pooled.numpy(), dev_y.numpy(), seed=0)
+        return {"cosine": cos, "hidden_rel_error": (num / den) ** 0.5, "probe_accuracy": acc}
+
+    dense_dev_pooled, dense_dev_hidden = pooled_and_hidden(dense, dev_batches)
+    dense_eval = evaluate(dense)
+    print(f"dense: {dense_eval}", file=sys.stderr)
+
+    cells: list[dict] = []
+    result = {
+        "benchmark": "compensation",
+        "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "model": "all-MiniLM-L6-v2 (real weights, no fine-tuning)",
+        "calibration": {"task": "sst2", "samples": calib.num_samples, "tokens": calib.num_tokens, "mean_length": calib.mean_length},
+        "probe": {"train_sentences": len(train_y), "dev_sentences": len(dev_y)},
+        "timing_s": {"plain_forward": forward_s, "collect_moments": moments_s},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]},
+        "versions": versions(),
+        "dense": dense_eval,
+        "complete": False,
+        "cells": cells,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.random_seeds.split(",")]
+    for budget in [float(b) for b in args.budgets.split(",")]:
+        for strategy in args.strategies.split(","):
+            for seed in (seeds if strategy == "random" else [0]):
+                ctx = registry.PruningContext(
+                    model=dense, adapter=adapter, shape=shape, stats=stats, flops_budget=budget,
+                    seq_len=calib.mean_length, lambda_=5.0, seed=seed, options={},
+                )
+                plan = registry.run_strategy(strategy, ctx)
+                for method in args.methods.split(","):
+                    model = copy.deepcopy(dense)
+                    solve_s, comp = 0.0, None
+                    if method != "none":
+                        t0 = time.perf_counter()
+                        comp = compensate_model(model, plan, moments, method=method)
+                        solve_s = time.perf_counter() - t0
+                    prune_model(model, plan)
+                    metrics = evaluate(model)
+                    cell = {"budget": budget, "strategy": strategy, "seed": seed, "compensation": method,
+                            **metrics, "solve_seconds": solve_s,
+                            "accepted_sublayers": None if comp is None else comp["accepted"],
+                            "heldout_error_before": None if comp is None else comp["mean_error_before"],
+                            "heldout_error_after": None if comp is None else comp["mean_error_after"]}
+                    cells.append(cell)
+                    print(json.dumps(cell), file=sys.stderr)
+                    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")  # partial results survive
+
+    result["complete"] = True
+    args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    plot(result, args.out.with_suffix(".png"), save_figure)
+    write_readme_section(result)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def write_readme_section(result: dict) -> None:
+    """Replace the compensation section of benchmarks/README.md with tables generated from ``result``."""
+    from collections import defaultdict
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in result["cells"]:
+        groups[(c["budget"], c["strategy"], c["compensation"])].append(c)
+    methods = ["none", "merge", "lstsq"]
+    lines = [
+        "<!-- compensation:start (generated by benchmarks/compensation.py, do not edit) -->",
+        "",
+        f"Command: `{result['command']}` · {result['model']} · calibration {result['calibration']['samples']} SST-2 train "
+        f"sentences ({result['calibration']['tokens']} tokens) · probe: logistic regression on "
+        f"{result['probe']['train_sentences']} SST-2 train embeddings, scored on {result['probe']['dev_sentences']} dev sentences · "
+        f"{result['machine']['cpu_count']} cores (load {result['machine']['load_average_1min']:.1f}) · torch {result['versions']['torch']}.",
+        "",
+        ("" if result.get("complete", True) else "**Partial run** (the script was stopped before the last cell). ")
+        + f"Dense probe accuracy: **{result['dense']['probe_accuracy']:.3f}**. Random: mean of {len({c['seed'] for c in result['cells'] if c['strategy'] == 'random'})} seeds.",
+        "",
+        "| FLOPs | strategy | cosine none / merge / lstsq | hidden rel. error none / merge / lstsq | probe acc. none / merge / lstsq |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    wins = total = 0
+    for (budget, strategy) in sorted({(b, s) for b, s, _ in groups}, key=lambda x: (-x[0], x[1])):
+        cols = []
+        for key, fmt in (("cosine", "{:.3f}"), ("hidden_rel_error", "{:.3f}"), ("probe_accuracy", "{:.3f}")):
+            cols.append(" / ".join(fmt.format(mean(groups[(budget, strategy, m)], key)) if groups.get((budget, strategy, m)) else "-" for m in methods))
+        lines.append(f"| {budget:.1f} | {strategy} | " + " | ".join(cols) + " |")
+        if groups.get((budget, strategy, "lstsq")) and groups.get((budget, strategy, "none")):
+            for a, b in zip(groups[(budget, strategy, "lstsq")], groups[(budget, strategy, "none")]):
+                total += 1
+                wins += a["cosine"] > b["cosine"]
+    solve = [c["solve_seconds"] for c in result["cells"] if c["compensation"] == "lstsq"]
+    lines += [
+        "",
+        f"`lstsq` is closer to the dense model (cosine) than `none` in **{wins} of {total}** (strategy, budget, seed) cells.",
+        f"Time: plain forward over the calibration batches {result['timing_s']['plain_forward']:.1f} s; collecting the "
+        f"compensation moments {result['timing_s']['collect_moments']:.1f} s (a forward pass with hooks); the lstsq solve "
+        f"{min(solve):.1f}–{max(solve):.1f} s per model." if solve else "",
+        "",
+        "![compensation](results/compensation.png)",
+        "",
+        "<!-- compensation:end -->",
+    ]
+    readme = Path(__file__).with_name("README.md")
+    text = readme.read_text(encoding="utf-8")
+    block = "\n".join(lines)
+    start, end = "<!-- compensation:start", "<!-- compensation:end -->"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Compensation before fine-tuning (`--compensate`)\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
+
+
+def plot(result: dict, path: Path, save_figure) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    strategies = sorted({c["strategy"] for c in result["cells"]})
+    styles = {"none": ":", "merge": "--", "lstsq": "-"}
+    for ax, key, label in ((axes[0], "cosine", "cosine to dense embeddings"), (axes[1], "probe_accuracy", "SST-2 probe accuracy")):
+        for i, strategy in enumerate(strategies):
+            for method, style in styles.items():
+                rows = [c for c in result["cells"] if c["strategy"] == strategy and c["compensation"] == method]
+                if not rows:
+                    continue
+                budgets = sorted({c["budget"] for c in rows})
+                values = [sum(c[key] for c in rows if c["budget"] == b) / sum(1 for c in rows if c["budget"] == b) for b in budgets]
+                ax.plot(budgets, values, style, marker="o", color=f"C{i}", label=f"{strategy} / {method}")
+        if key == "probe_accuracy":
+            ax.axhline(result["dense"][key], color="black", linestyle="--", linewidth=1, label="dense")
+        ax.set_xlabel("FLOPs kept")
+        ax.set_ylabel(label)
+        ax.invert_xaxis()
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("MiniLM pruned without fine-tuning: compensation none (dotted) / merge (dashed) / lstsq (solid)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -320,7 +320,7 @@ def plot_results(results: dict[str, Any], path: Path = PLOT) -> Path:
 
     panels = []
     for fam in results["families"]:
-        series, errors = {}, {}
+        series = {}
         for b, q in sorted({(r["batch_size"], r["seq_len"]) for r in fam["rows"]}, key=lambda x: -x[0]):
             rows = [r for r in fam["rows"] if (r["batch_size"], r["seq_len"]) == (b, q)]
             key = f"batch {b} x {q}"

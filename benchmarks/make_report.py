@@ -201,7 +201,7 @@ def ablation_table(rows: list[dict]) -> list[str]:
     tasks = [t for t in TASKS if idx.get((t, "dual-cp", b)) or idx.get((t, "dual-cp-mc", b))]
     if not tasks:
         return ["(no ablation cells yet)"]
-    out = [f"| method | " + " | ".join(TASK_NAMES[t] for t in tasks) + " |",
+    out = ["| method | " + " | ".join(TASK_NAMES[t] for t in tasks) + " |",
            "| --- | " + " | ".join("---:" for _ in tasks) + " |"]
     base = {t: agg([score(r) for r in idx.get((t, "random", b), [])])[0] for t in tasks}
     for s, label in (("dense", "dense (no pruning)"), ("random", "Random"), ("dual-cp-mc", "+MC"),

@@ -215,15 +215,9 @@ def embedding_fidelity(pruned, task: str, n: int, model_path: Path = MINILM) -> 
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus_visible": os.cpu_count(), "platform": platform.platform()}
+    from ppkit.bench import cpu_name
+
+    return {"cpu": cpu_name(), "cpus_visible": os.cpu_count(), "platform": platform.platform()}
 
 
 def result_path(results_dir: Path, cell: Cell) -> Path:
@@ -251,7 +245,7 @@ def run_cell(cell: Cell, *, recipe: Recipe = RECIPE, results_dir: Path = RESULTS
     import torch
 
     from ppkit.finetune import finetune
-    from ppkit.pipeline import prune, versions
+    from ppkit.pipeline import prune
 
     existing = load_result(results_dir, cell)
     if existing is not None and not force:

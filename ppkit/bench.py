@@ -151,6 +151,17 @@ class BenchReport:
 
 
 # ----------------------------------------------------------------------------- environment
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: str = "cpu") -> dict[str, Any]:
     """Machine and library versions recorded with every benchmark."""
     import onnxruntime
@@ -158,14 +169,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
     from . import __version__
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),

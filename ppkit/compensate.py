@@ -22,7 +22,7 @@ calibration samples by that same error, and accepted only where it improves on n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch

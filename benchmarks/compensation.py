@@ -7,8 +7,12 @@ none / merge / lstsq, this measures on held-out SST-2 dev sentences:
   relative error |H_pruned - H_dense| / |H_dense| of the last hidden states (padding excluded);
 - SST-2 dev accuracy of a logistic-regression probe trained on frozen mean-pooled embeddings of
   SST-2 train sentences (the dense model's probe is the reference);
-- the time of the compensation solve, and of collecting its moments, beside a plain forward pass
-  over the same calibration batches.
+- the cost of compensation beside the calibration forward pass, on 3000 SST-2 samples as
+  `ppkit prune --samples 3000`: a plain forward pass, the statistics pass alone, and the statistics
+  pass with the moment collector riding on it (interleaved rounds, medians), plus the lstsq solve
+  of the Dual-CP plan at each budget, all on one thread;
+- whether capping the moments at ``MOMENT_TOKENS`` tokens costs quality: ``lstsq-all`` cells use
+  every calibration token (dual-cp and random seed 0).
 
 Statistics and moments are collected once on the dense model and shared by every cell. Results:
 ``benchmarks/results/compensation.json`` and ``compensation.png``.
@@ -27,6 +31,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--methods", default="none,merge,lstsq")
     parser.add_argument("--random-seeds", default="0,1,2")
     parser.add_argument("--samples", type=int, default=1000, help="calibration samples (SST-2 train)")
+    parser.add_argument("--timing-samples", type=int, default=3000, help="calibration samples for the cost measurement")
+    parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument("--probe-train", type=int, default=2000, help="SST-2 train sentences for the probe")
     parser.add_argument("--out", type=Path, default=RESULTS / "compensation.json")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the README section from --out")
@@ -86,7 +93,7 @@ def main() -> None:
 
     from ppkit import registry
     from ppkit.adapters import get_adapter
-    from ppkit.compensate import collect_moments, compensate_model
+    from ppkit.compensate import MOMENT_TOKENS, MomentCollector, compensate_model
     from ppkit.data import calibration_batches, load_task_dataset
     from ppkit.models import load_model, load_tokenizer
     from ppkit.pipeline import versions
@@ -98,17 +105,15 @@ def main() -> None:
     tokenizer = load_tokenizer(MINILM)
     adapter = get_adapter(dense)
     shape = adapter.shape()
+    timing = measure_cost(dense, tokenizer, args.timing_samples, args.timing_rounds,
+                          [float(b) for b in args.budgets.split(",")])
+    print(f"cost: {timing}", file=sys.stderr)
     calib = calibration_batches("sst2", tokenizer, data=SST2, samples=args.samples, seed=0)
-
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for b in calib.batches:
-            dense(**b)
-    forward_s = time.perf_counter() - t0
-    stats = collect_statistics(dense, calib.batches, tokens=200, seed=0, progress=False)
-    t0 = time.perf_counter()
-    moments = collect_moments(dense, calib.batches, seed=0)
-    moments_s = time.perf_counter() - t0
+    collector = MomentCollector(dense, seed=0)
+    collector_all = MomentCollector(dense, seed=0, max_tokens=None)
+    stats = collect_statistics(dense, calib.batches, tokens=200, seed=0, progress=False,
+                               observers=[collector, collector_all])
+    moments = {"lstsq": collector.moments(), "merge": collector.moments(), "lstsq-all": collector_all.moments()}
 
     probe_train = load_task_dataset("sst2", tokenizer, "train", data=SST2, limit=args.probe_train, limit_seed=1)
     train_batches, train_y = batches_of(probe_train, tokenizer)
@@ -134,7 +139,8 @@ def main() -> None:
         "model": "all-MiniLM-L6-v2 (real weights, no fine-tuning)",
         "calibration": {"task": "sst2", "samples": calib.num_samples, "tokens": calib.num_tokens, "mean_length": calib.mean_length},
         "probe": {"train_sentences": len(train_y), "dev_sentences": len(dev_y)},
-        "timing_s": {"plain_forward": forward_s, "collect_moments": moments_s},
+        "moment_tokens": MOMENT_TOKENS,
+        "timing_s": timing,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0]},
         "versions": versions(),
         "dense": dense_eval,
@@ -151,12 +157,16 @@ def main() -> None:
                     seq_len=calib.mean_length, lambda_=5.0, seed=seed, options={},
                 )
                 plan = registry.run_strategy(strategy, ctx)
-                for method in args.methods.split(","):
+                methods = args.methods.split(",")
+                if "lstsq" in methods and strategy in ("dual-cp", "random") and seed == 0:
+                    methods.append("lstsq-all")
+                for method in methods:
                     model = copy.deepcopy(dense)
                     solve_s, comp = 0.0, None
                     if method != "none":
                         t0 = time.perf_counter()
-                        comp = compensate_model(model, plan, moments, method=method)
+                        comp = compensate_model(model, plan, moments[method], method=method.removesuffix("-all"),
+                                                assignments=ctx.artifacts.get("assignments"))
                         solve_s = time.perf_counter() - t0
                     prune_model(model, plan)
                     metrics = evaluate(model)
@@ -174,6 +184,56 @@ def main() -> None:
     plot(result, args.out.with_suffix(".png"), save_figure)
     write_readme_section(result)
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def measure_cost(dense, tokenizer, samples: int, rounds: int, budgets: list[float]) -> dict[str, Any]:
+    """What compensation costs beside the calibration forward pass, on ``samples`` SST-2 rows, one
+    thread (a fair ratio on a shared machine): median seconds of a plain forward pass, the statistics
+    pass, and the statistics pass with the moment collector (interleaved rounds), then the lstsq
+    solve of the Dual-CP plan at each budget."""
+    from statistics import median
+
+    from ppkit import registry
+    from ppkit.adapters import get_adapter
+    from ppkit.compensate import MomentCollector, compensate_model
+    from ppkit.data import calibration_batches
+    from ppkit.statistics import collect_statistics
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        calib = calibration_batches("sst2", tokenizer, data=SST2, samples=samples, seed=0)
+        times: dict[str, list[float]] = {"plain_forward": [], "statistics": [], "statistics_with_moments": [],
+                                         "moments_in_collector": []}
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                for b in calib.batches:
+                    dense(**b)
+            times["plain_forward"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            collect_statistics(dense, calib.batches, tokens=200, seed=0, progress=False)
+            times["statistics"].append(time.perf_counter() - t0)
+            collector = MomentCollector(dense, seed=0)
+            t0 = time.perf_counter()
+            stats = collect_statistics(dense, calib.batches, tokens=200, seed=0, progress=False, observers=[collector])
+            moments = collector.moments()
+            times["statistics_with_moments"].append(time.perf_counter() - t0)
+            times["moments_in_collector"].append(collector.seconds)
+        out: dict[str, Any] = {k: median(v) for k, v in times.items()}
+        out.update(samples=calib.num_samples, tokens=calib.num_tokens, rounds=rounds, threads=1, solve_lstsq={})
+        adapter = get_adapter(dense)
+        for budget in budgets:
+            ctx = registry.PruningContext(model=dense, adapter=adapter, shape=adapter.shape(), stats=stats,
+                                          flops_budget=budget, seq_len=calib.mean_length)
+            plan = registry.run_strategy("dual-cp", ctx)
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            compensate_model(model, plan, moments, method="lstsq")
+            out["solve_lstsq"][f"{budget:g}"] = time.perf_counter() - t0
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_readme_section(result: dict) -> None:
@@ -209,13 +269,31 @@ def write_readme_section(result: dict) -> None:
             for a, b in zip(groups[(budget, strategy, "lstsq")], groups[(budget, strategy, "none")]):
                 total += 1
                 wins += a["cosine"] > b["cosine"]
-    solve = [c["solve_seconds"] for c in result["cells"] if c["compensation"] == "lstsq"]
+    t = result["timing_s"]
+    capped = {(c["budget"], c["strategy"]): c["cosine"] for c in result["cells"]
+              if c["compensation"] == "lstsq" and c["seed"] == 0}
+    every = [(k, c["cosine"]) for c in result["cells"] if c["compensation"] == "lstsq-all"
+             for k in [(c["budget"], c["strategy"])] if k in capped]
     lines += [
         "",
         f"`lstsq` is closer to the dense model (cosine) than `none` in **{wins} of {total}** (strategy, budget, seed) cells.",
-        f"Time: plain forward over the calibration batches {result['timing_s']['plain_forward']:.1f} s; collecting the "
-        f"compensation moments {result['timing_s']['collect_moments']:.1f} s (a forward pass with hooks); the lstsq solve "
-        f"{min(solve):.1f}–{max(solve):.1f} s per model." if solve else "",
+    ]
+    if every:
+        lines.append(
+            f"Moments from {result['moment_tokens']} sampled calibration tokens (the default) vs all "
+            f"{result['calibration']['tokens']}: cosine " + ", ".join(
+                f"{s} {b:.1f}: {capped[(b, s)]:.3f} vs {v:.3f}" for (b, s), v in sorted(every)) + ".")
+    if "solve_lstsq" in t:
+        cost = {b: (t["moments_in_collector"] + v) / t["plain_forward"] for b, v in t["solve_lstsq"].items()}
+        lines.append(
+            f"Cost on {t['samples']} SST-2 calibration samples ({t['tokens']} tokens), one thread, medians of "
+            f"{t['rounds']} interleaved rounds: plain forward {t['plain_forward']:.1f} s, statistics pass "
+            f"{t['statistics']:.1f} s, statistics pass with the moment collector {t['statistics_with_moments']:.1f} s "
+            f"(inside the collector: {t['moments_in_collector']:.2f} s); the lstsq solve of the Dual-CP plan "
+            + ", ".join(f"{v:.2f} s at {b}" for b, v in t["solve_lstsq"].items())
+            + ". Compensation (collector + solve) as a share of the plain calibration forward pass: "
+            + ", ".join(f"**{v:.1%}** at {b}" for b, v in cost.items()) + ".")
+    lines += [
         "",
         "![compensation](results/compensation.png)",
         "",

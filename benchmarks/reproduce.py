@@ -57,9 +57,16 @@ BUDGET_PRIORITY = (0.6, 0.3, 0.9, 0.5, 0.7, 0.4)
 STRATEGIES = ("dual-cp", "random", "kcm", "worst")
 ABLATION_BUDGET = 0.6
 RANDOM_SEEDS = (0, 1, 2)
-ALL_STRATEGIES = ("dense", "dual-cp", "dual-cp-mc", "random", "kcm", "worst")
+# grid strategy -> (ppkit strategy, strategy options, --compensate)
+PRUNE_ARGS = {"dual-cp": ("dual-cp", {}, "none"), "dual-cp-mc": ("dual-cp", {"selection": "random"}, "none"),
+              "random": ("random", {}, "none"), "kcm": ("kcm", {}, "none"), "worst": ("worst", {}, "none"),
+              "dual-cp-lstsq": ("dual-cp", {}, "lstsq"), "random-lstsq": ("random", {}, "lstsq")}
+# Issue 9: whether retraining-free compensation still matters after fine-tuning, at these budgets.
+LSTSQ_BUDGETS = (0.6, 0.4)
+ALL_STRATEGIES = ("dense", "dual-cp", "dual-cp-mc", "random", "kcm", "worst", "dual-cp-lstsq", "random-lstsq")
 LABELS = {"dense": "dense (no pruning)", "dual-cp": "Dual-CP (ours / +CS)", "dual-cp-mc": "+MC (clusters, random member)",
-          "random": "random", "kcm": "KCM", "worst": "worst"}
+          "random": "random", "kcm": "KCM", "worst": "worst",
+          "dual-cp-lstsq": "Dual-CP + --compensate lstsq", "random-lstsq": "random + --compensate lstsq"}
 
 log = logging.getLogger("reproduce")
 
@@ -73,7 +80,9 @@ class Recipe:
     tokens: int = 200                    # T, as the paper
     lambda_: float = 5.0                 # as the paper
     train_limit: dict = field(default_factory=lambda: {"sst2": 3000, "mrpc": 2000, "stsb": 2000, "rte": 2000})
-    epochs: int = 1                      # paper: 3 (BERT setting)
+    # paper: 3 (BERT setting). One epoch of 2000 MRPC rows left the dense model at 70.6 (majority 68.4),
+    # so the small pair tasks get three.
+    epochs: dict = field(default_factory=lambda: {"sst2": 1, "mrpc": 3, "stsb": 1, "rte": 3})
     batch_size: int = 16                 # paper: 32
     learning_rate: float = 1e-4          # paper: 2e-5 (BERT-base); a small model, few steps
     warmup_ratio: float = 0.1
@@ -146,6 +155,11 @@ def grid(tasks=TASKS, budgets=BUDGETS, strategies=ALL_STRATEGIES, seeds=RANDOM_S
                 if s == "random" and 0 not in seeds:
                     continue
                 cells.append(Cell(t, s, b, 0))
+    for b in (b for b in budgets if b in LSTSQ_BUDGETS):
+        for t in tasks:
+            for s in ("dual-cp-lstsq", "random-lstsq"):
+                if s in strategies:
+                    cells.append(Cell(t, s, b, 0))
     for seed in seeds:
         if seed == 0 or "random" not in strategies:
             continue
@@ -271,12 +285,12 @@ def run_cell(cell: Cell, *, recipe: Recipe = RECIPE, results_dir: Path = RESULTS
             out["fidelity"] = {"mean_cosine": 1.0, "p10_cosine": 1.0, "median_cosine": 1.0,
                                "sentences": recipe.fidelity_sentences}
         else:
-            strategy = "dual-cp" if cell.strategy == "dual-cp-mc" else cell.strategy
-            options = {"selection": "random"} if cell.strategy == "dual-cp-mc" else {}
+            strategy, options, compensate = PRUNE_ARGS[cell.strategy]
             try:
                 res = prune(str(model_path), task=cell.task, flops=cell.budget, strategy=strategy, data=data,
                             samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_,
-                            seed=cell.seed, options=options, out=work / "pruned", plot=False, progress=False,
+                            seed=cell.seed, options=options, compensate=compensate, out=work / "pruned",
+                            plot=False, progress=False,
                             max_length=recipe.max_length[cell.task])
             except BudgetError as exc:
                 # e.g. KCM prunes FFN neurons only and cannot reach low budgets: a result, not a crash
@@ -287,12 +301,13 @@ def run_cell(cell: Cell, *, recipe: Recipe = RECIPE, results_dir: Path = RESULTS
             out["prune"] = {k: r[k] for k in ("flops_ratio", "mha_flops_ratio", "ffn_flops_ratio", "flops_seq_len",
                                               "params_before", "params_after", "heads_per_layer",
                                               "neurons_per_layer", "samples", "tokens", "lambda", "options")}
+            out["prune"]["compensation"] = {k: v for k, v in r.get("compensation", {}).items() if k != "layers"}
             out["prune"]["timings_s"] = {k: round(v, 2) for k, v in r["timings_s"].items()}
             out["fidelity"] = embedding_fidelity(res.model, cell.task, recipe.fidelity_sentences, model_path)
             ft_source = str(work / "pruned")
             del res
         cpu0 = time.process_time()  # CPU time is less sensitive than wall time to other jobs on a shared machine
-        ft = finetune(ft_source, cell.task, out_dir=work / "finetuned", data=data, epochs=recipe.epochs,
+        ft = finetune(ft_source, cell.task, out_dir=work / "finetuned", data=data, epochs=recipe.epochs[cell.task],
                       batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
                       max_length=recipe.max_length[cell.task], seed=recipe.finetune_seed,
                       train_limit=recipe.train_limit[cell.task], eval_limit=recipe.eval_limit, progress=False,

@@ -96,6 +96,7 @@ def prune(
     step: float = typer.Option(0.001, "--step", help="Step of the delta scan (--threshold scan; paper: 0.001)."),
     rebalance: bool = typer.Option(True, "--rebalance/--no-rebalance", help="Give the FLOPs left by coarse head granularity to the FFN so the total lands on the budget (off: the strict lambda split)."),
     compensate: Compensation = typer.Option(Compensation.none, "--compensate", help="Fold what pruned units did into the kept weights: none (paper), lstsq or merge."),
+    compensate_tokens: str = typer.Option("2048", "--compensate-tokens", help="Calibration tokens the compensation is fitted and judged on, or 'all' (more: closer fit, slower; see benchmarks/README.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration batch size."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write plan.png (kept heads grid, kept neurons per layer)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickled .bin weights (pickle can run code: only for files you trust)."),
@@ -120,7 +121,8 @@ def prune(
     result = run_prune(
         model, task=task, flops=budget, strategy=strategy, data=data, samples=samples,
         max_length=max_length, tokens=tokens, lambda_=lambda_, seed=seed, flops_seq_len=flops_seq_len,
-        options=options, compensate=compensate.value, out=out_dir, overwrite=overwrite, plot=plot,
+        options=options, compensate=compensate.value,
+        compensate_tokens=compensate_tokens, out=out_dir, overwrite=overwrite, plot=plot,
         progress=not quiet, allow_pickle=allow_pickle, batch_size=batch_size,
     )
     (stderr if as_json else stdout).print(summary_table(result.report))

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ppkit.clustering import LINKAGES, THRESHOLDS, cluster_under_budget, select_centroids, select_random_members
+from ppkit.clustering import (LINKAGES, THRESHOLDS, cluster_assignment, cluster_under_budget, select_centroids,
+                              select_random_members)
 from ppkit.hookspecs import hookimpl
 from ppkit.plan import LayerPlan, PruningPlan
 from ppkit.registry import PruningContext, Strategy, as_bool, positive_float
@@ -85,6 +86,10 @@ def prune(ctx: PruningContext) -> PruningPlan:
             heads = select_random_members(res.heads.labels[l], rng)
             neurons = select_random_members(res.neurons.labels[l], rng)
         layers.append(LayerPlan(tuple(int(i) for i in heads), tuple(int(i) for i in neurons)))
+        ctx.artifacts.setdefault("assignments", {}).update({
+            (l, "attention"): cluster_assignment(res.heads.labels[l], heads),
+            (l, "ffn"): cluster_assignment(res.neurons.labels[l], neurons),
+        })
     meta = {"strategy": "dual-cp", "selection": selection, "seed": ctx.seed, **res.meta}
     return PruningPlan(layers, ctx.shape.num_heads, ctx.shape.ffn_dim, meta)
 

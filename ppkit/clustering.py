@@ -244,6 +244,16 @@ def select_worst(labels: np.ndarray, keep: int, scores: np.ndarray) -> np.ndarra
     return np.sort(order[:keep])
 
 
+def cluster_assignment(labels: np.ndarray, kept: Sequence[int]) -> dict[int, int]:
+    """{pruned unit: the kept member of its cluster} for clusters that keep exactly one member."""
+    kept_of: dict[int, int] = {}
+    for k in kept:
+        kept_of[int(labels[k])] = -1 if int(labels[k]) in kept_of else int(k)
+    kept_set = {int(k) for k in kept}
+    return {j: kept_of[int(lab)] for j, lab in enumerate(labels)
+            if j not in kept_set and kept_of.get(int(lab), -1) >= 0}
+
+
 def _first_of_groups(sorted_labels: np.ndarray) -> np.ndarray:
     first = np.ones(sorted_labels.shape[0], dtype=bool)
     first[1:] = sorted_labels[1:] != sorted_labels[:-1]

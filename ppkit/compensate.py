@@ -4,7 +4,8 @@ Both sublayers end in a linear map of the units a plan prunes: y = [x, 1] @ Thet
 FFN activations (or the merged head contexts) of one token and Theta = [W; b] is the down (or
 output) projection. Pruning drops rows of Theta. This module re-solves the *kept* rows so that y is
 reproduced as well as possible over calibration tokens, using only second moments G = sum_t w_t
-[x_t, 1]^T [x_t, 1] (streamed; memory does not grow with the number of tokens):
+[x_t, 1]^T [x_t, 1] over a seeded sample of calibration tokens (accumulated during the statistics
+forward pass, see :class:`MomentCollector`):
 
 - ``lstsq``: ridge least squares, damped toward the original kept rows (not toward zero), so that
   pruning nothing changes nothing: theta = (G_KK + mu D)^-1 (G_K: Theta + mu D theta0).
@@ -22,8 +23,9 @@ calibration samples by that same error, and accepted only where it improves on n
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,10 +34,15 @@ from .errors import InputError
 from .plan import PruningPlan
 
 METHODS = ("lstsq", "merge")
-#: relative ridge strengths tried, as fractions of the mean diagonal of G_KK
-RIDGE_GRID = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+#: relative ridge strengths tried, as fractions of the mean diagonal of G_KK, strongest first; the
+#: search stops once the held-out error rises (it is U-shaped in the ridge), so usually 3-4 are solved
+RIDGE_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 0.0)
 #: share of calibration samples held out to judge each correction
 HOLDOUT = 0.25
+#: calibration tokens (fit + held out) whose moments are accumulated; None = all
+MOMENT_TOKENS = 2048
+#: sampled rows buffered per sublayer before their Gram matrix is formed
+FLUSH_ROWS = 2048
 
 
 @dataclass
@@ -72,75 +79,147 @@ class SublayerResult:
         }
 
 
+class MomentCollector:
+    """Accumulates the weighted second moments of every sublayer from the activations it is shown.
+
+    It is an :class:`~ppkit.statistics.ActivationObserver`: given to
+    :func:`~ppkit.statistics.collect_statistics` it rides on the statistics forward pass, so
+    compensation needs no pass of its own. Only ``max_tokens`` non-padding positions (uniform,
+    seeded) enter the moments: a Gram matrix costs about twice an FFN forward per token, and a few
+    thousand tokens determine a ridge fit of the kept rows well. Each calibration *sample* goes
+    (seeded) either to the fit or to the held-out part, so held-out errors are measured on samples
+    the fit never saw. ``seconds`` is the time spent here.
+    """
+
+    def __init__(self, model: nn.Module, *, max_tokens: int | None = MOMENT_TOKENS, seed: int = 0,
+                 holdout: float = HOLDOUT) -> None:
+        from .adapters import get_adapter
+
+        self.adapter = get_adapter(model)
+        self.num_layers = self.adapter.shape().num_layers
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.holdout = holdout
+        self.seconds = 0.0
+        self._parts: list[dict[str, torch.Tensor]] = []
+        self._batch: dict[str, torch.Tensor] = {}
+        self._layers: list[dict[str, Moments]] = [dict() for _ in range(self.num_layers)]
+        self._pending: dict[tuple[int, str, str], list[torch.Tensor]] = {}
+        self._pending_rows: dict[tuple[int, str, str], int] = {}
+
+    def start(self, masks: list[torch.Tensor]) -> None:
+        from .statistics import _positions_per_batch
+
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.seed)
+        total = int(sum(int(m.sum()) for m in masks))
+        n = total if self.max_tokens is None else min(int(self.max_tokens), total)
+        index = torch.randperm(total, generator=gen)[:n].sort().values
+        self._parts = []
+        for mask, (rows, pos) in zip(masks, _positions_per_batch(masks, index)):
+            held = (torch.rand(mask.shape[0], generator=gen) < self.holdout)[rows]
+            flat = rows * mask.shape[1] + pos
+            self._parts.append({"fit": flat[~held], "held": flat[held]})
+        self.seconds += time.perf_counter() - t0
+
+    def begin_batch(self, index: int) -> None:
+        self._batch = self._parts[index]
+
+    def observe(self, layer: int, kind: str, x: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        sublayer = "attention" if kind == "head" else "ffn"
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        for part, idx in self._batch.items():
+            if idx.numel():
+                key = (layer, sublayer, part)
+                self._pending.setdefault(key, []).append(x2.index_select(0, idx.to(x2.device)).float())
+                self._pending_rows[key] = self._pending_rows.get(key, 0) + idx.numel()
+                if self._pending_rows[key] >= FLUSH_ROWS:
+                    self._flush(key)
+        self.seconds += time.perf_counter() - t0
+
+    def _flush(self, key: tuple[int, str, str]) -> None:
+        """Add the pending rows' weighted Gram matrix to the float64 total: one large product instead
+        of one per batch (per-batch products and float64 adds of an N x N matrix cost more than the math)."""
+        self._pending_rows.pop(key, None)
+        # plain tensors even when called inside the statistics pass's inference mode, so the totals
+        # can be updated there and used normally afterwards
+        with torch.inference_mode(False):
+            self._flush_rows(key)
+
+    def _flush_rows(self, key: tuple[int, str, str]) -> None:
+        layer, sublayer, part = key
+        rows = torch.cat(self._pending.pop(key))
+        getter = self.adapter.attention_output_weight if sublayer == "attention" else self.adapter.ffn_output_weight
+        # weight each token by 1 / |its sublayer output|^2, so the fit minimises relative error
+        norm2 = (rows @ getter(layer)[0].detach().float()).pow(2).sum(-1)
+        eps = 1e-2 * float(norm2.mean()) + 1e-12
+        ext = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1) * (norm2 + eps).rsqrt().unsqueeze(1)
+        gram = (ext.T @ ext).double()
+        mom = self._layers[layer].get(sublayer)
+        if mom is None:
+            mom = self._layers[layer][sublayer] = Moments(torch.zeros_like(gram), torch.zeros_like(gram))
+        if part == "fit":
+            mom.fit += gram
+            mom.tokens_fit += rows.shape[0]
+        else:
+            mom.held += gram
+            mom.tokens_held += rows.shape[0]
+
+    def moments(self) -> list[LayerMoments]:
+        """The accumulated moments (on CPU), one entry per layer."""
+        t0 = time.perf_counter()
+        for key in list(self._pending):
+            self._flush(key)
+        self.seconds += time.perf_counter() - t0
+        out = []
+        for layer, parts in enumerate(self._layers):
+            if set(parts) != {"attention", "ffn"}:
+                raise InputError(f"no compensation moments for layer {layer}: the collector saw no tokens of it")
+            for mom in parts.values():
+                mom.fit, mom.held = mom.fit.cpu(), mom.held.cpu()
+            out.append(LayerMoments(attention=parts["attention"], ffn=parts["ffn"]))
+        return out
+
+
 def collect_moments(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     *,
     seed: int = 0,
+    max_tokens: int | None = MOMENT_TOKENS,
     holdout: float = HOLDOUT,
-    progress: bool = False,
 ) -> list[LayerMoments]:
-    """One forward pass over ``batches`` accumulating the weighted moments of every sublayer.
+    """A forward pass of its own over ``batches`` with a :class:`MomentCollector` (padding excluded).
+    Prefer giving the collector to :func:`~ppkit.statistics.collect_statistics` when statistics are
+    collected anyway."""
+    from .statistics import _model_device, _valid_mask
 
-    Padding tokens are excluded; each calibration sample goes (seeded) either to the fit or to the
-    held-out part, so held-out errors are measured on samples the fit never saw.
-    """
-    from .adapters import get_adapter
-
-    adapter = get_adapter(model)
-    shape = adapter.shape()
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, Any] = {"mask": None, "held": None}
-    layers: list[dict[str, Moments]] = [dict() for _ in range(shape.num_layers)]
+    batches = list(batches)
+    collector = MomentCollector(model, max_tokens=max_tokens, seed=seed, holdout=holdout)
+    collector.start([_valid_mask(b) for b in batches])
+    adapter = collector.adapter
+    device = _model_device(model)
 
     def make_hook(layer: int, kind: str):
-        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach()
-            weight, bias = (adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight)(layer)
-            mask = state["mask"]
-            held = state["held"]
-            for part, select in (("fit", mask & ~held), ("held", mask & held)):
-                rows = x[select].to(torch.float32)
-                if rows.shape[0] == 0:
-                    continue
-                out = rows @ weight.detach().to(torch.float32)
-                norm2 = out.pow(2).sum(-1)
-                eps = 1e-2 * float(norm2.mean()) + 1e-12
-                w = (norm2 + eps).rsqrt().unsqueeze(1)
-                ext = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1) * w
-                gram = (ext.T @ ext).to(torch.float64)
-                mom = layers[layer].get(kind)
-                if mom is None:
-                    n = gram.shape[0]
-                    mom = layers[layer][kind] = Moments(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
-                if part == "fit":
-                    mom.fit += gram
-                    mom.tokens_fit += rows.shape[0]
-                else:
-                    mom.held += gram
-                    mom.tokens_held += rows.shape[0]
-
-        return hook
+        return lambda _module, args: collector.observe(layer, kind, args[0])
 
     handles = []
-    for layer in range(shape.num_layers):
-        handles.append(adapter.head_context_module(layer).register_forward_pre_hook(make_hook(layer, "attention")))
-        handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(make_hook(layer, "ffn")))
+    was_training = model.training
     try:
-        was_training = model.training
+        for layer in range(collector.num_layers):
+            handles.append(adapter.head_context_module(layer).register_forward_pre_hook(make_hook(layer, "head")))
+            handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(make_hook(layer, "neuron")))
         model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                mask = batch["attention_mask"].bool()
-                held_rows = torch.rand(mask.shape[0], generator=gen) < holdout
-                state["mask"] = mask
-                state["held"] = held_rows.unsqueeze(1).expand_as(mask)
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-        model.train(was_training)
+        with torch.inference_mode():
+            for i, batch in enumerate(batches):
+                collector.begin_batch(i)
+                model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
-    return [LayerMoments(attention=l["attention"], ffn=l["ffn"]) for l in layers]
+    return collector.moments()
 
 
 def _held_out_error(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor):
@@ -160,25 +239,23 @@ def _held_out_error(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor)
     return error
 
 
-def solve_lstsq(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor, ridges: Sequence[float]) -> list[tuple[float, torch.Tensor]]:
+def solve_lstsq(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor, ridges: Sequence[float]) -> Iterator[tuple[float, torch.Tensor]]:
     """Kept rows (incl. the bias row, last) minimising |[x_K,1] t - [x,1] Theta|^2 + mu |t - Theta_K|^2.
 
-    mu is given relative to the mean diagonal of G_KK. Returns (ridge, rows) pairs, one Cholesky
-    solve each, leaving out ridges for which the damped G_KK is not positive definite.
+    mu is given relative to the mean diagonal of G_KK. Yields (ridge, rows) pairs lazily, one
+    Cholesky solve each, leaving out ridges for which the damped G_KK is not positive definite.
     """
     g_kk = gram[keep][:, keep]
     scale = max(float(g_kk.diagonal().mean()), 1e-12) if g_kk.numel() else 1.0
     theta0 = theta[keep]
     cross = gram[keep] @ theta
     eye = torch.eye(len(keep), dtype=gram.dtype)
-    solutions = []
     for ridge in ridges:
         mu = ridge * scale
         factor, info = torch.linalg.cholesky_ex(g_kk + mu * eye)
         if int(info) != 0:
             continue  # singular without (enough) damping
-        solutions.append((ridge, torch.cholesky_solve(cross + mu * theta0, factor)))
-    return solutions
+        yield ridge, torch.cholesky_solve(cross + mu * theta0, factor)
 
 
 def solve_merge(
@@ -256,7 +333,6 @@ def compensate_model(
     batches: Iterable[dict[str, torch.Tensor]] | None = None,
     seed: int = 0,
     assignments: dict[tuple[int, str], dict[int, int]] | None = None,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Correct the kept output-projection rows of a *dense* model in place, before surgery.
 
@@ -274,7 +350,7 @@ def compensate_model(
     if moments is None:
         if batches is None:
             raise InputError("compensate_model needs moments or calibration batches")
-        moments = collect_moments(model, batches, seed=seed, progress=progress)
+        moments = collect_moments(model, batches, seed=seed)
     results: list[SublayerResult] = []
     for layer, layer_plan in enumerate(plan.layers):
         for kind, units, unit_size in (("attention", layer_plan.heads, shape.head_dim), ("ffn", layer_plan.neurons, 1)):
@@ -294,10 +370,14 @@ def compensate_model(
                 else:
                     assignment = (assignments or {}).get((layer, kind))
                     candidates = [(None, solve_merge(mom.fit, theta, list(units), unit_size, assignment))]
+                previous = math.inf
                 for ridge, cand in candidates:
                     err = held_error(cand)
                     if math.isfinite(err) and err < best_err:
                         best_rows, best_err, best_ridge = cand, err, ridge
+                    if err > previous:
+                        break  # weaker damping only overfits more from here on
+                    previous = err
             accepted = best_rows is not base_rows
             if accepted:
                 new_theta = theta.clone()

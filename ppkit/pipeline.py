@@ -63,16 +63,16 @@ def check_budget(flops: float) -> float:
     return value
 
 
-def parse_tokens(tokens: int | str | None) -> int | None:
-    """``--tokens``: a positive count of sampled tokens, or ``all`` (returned as None)."""
+def parse_tokens(tokens: int | str | None, option: str = "--tokens") -> int | None:
+    """A token count option (``--tokens``, ``--compensate-tokens``): a positive count, or ``all`` (None)."""
     if tokens is None or (isinstance(tokens, str) and tokens.strip().lower() == "all"):
         return None
     try:
         value = int(tokens)
     except (TypeError, ValueError):
-        raise InputError(f"--tokens must be a positive integer or 'all', got {tokens!r}") from None
+        raise InputError(f"{option} must be a positive integer or 'all', got {tokens!r}") from None
     if value <= 0:
-        raise InputError(f"--tokens must be a positive integer or 'all', got {value}")
+        raise InputError(f"{option} must be a positive integer or 'all', got {value}")
     return value
 
 
@@ -113,6 +113,7 @@ def prune(
     flops_seq_len: float | None = None,
     options: dict[str, Any] | None = None,
     compensate: str = "none",
+    compensate_tokens: int | str | None = 2048,
     out: str | Path | None = None,
     overwrite: bool = False,
     plot: bool = True,
@@ -127,6 +128,8 @@ def prune(
     ``tokenizer``). Calibration data comes from ``task``'s train split (hub) or ``data`` (local files).
     When ``out`` is given, the pruned model, ``plan.json``, ``report.json`` and ``plan.png`` are
     written there atomically (an existing directory is refused unless ``overwrite``).
+    ``compensate`` (none | lstsq | merge) corrects the kept weights from the moments of
+    ``compensate_tokens`` sampled calibration tokens (``"all"``/None: every token).
     """
     from . import registry
     from .adapters import get_adapter
@@ -150,6 +153,7 @@ def prune(
         raise InputError(f"--lambda must be a finite number >= 0, got {lambda_}")
     if compensate not in COMPENSATIONS:
         raise InputError(f"--compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
+    moment_tokens = parse_tokens(compensate_tokens, option="--compensate-tokens")
     if flops_seq_len is not None and not flops_seq_len > 0:
         raise InputError(f"--flops-seq-len must be positive, got {flops_seq_len}")
     out_dir = Path(out) if out is not None else None
@@ -182,9 +186,15 @@ def prune(
     seq_len = float(flops_seq_len) if flops_seq_len is not None else float(calib.mean_length)
 
     stats = None
+    collector = None
+    if compensate != "none":
+        from .compensate import MomentCollector
+
+        collector = MomentCollector(net, seed=seed, max_tokens=moment_tokens)
     if "activations" in info.needs:
         with timer.stage("statistics"):
-            stats = collect_statistics(net, calib.batches, tokens=n_tokens, seed=seed, progress=progress)
+            stats = collect_statistics(net, calib.batches, tokens=n_tokens, seed=seed, progress=progress,
+                                       observers=[collector] if collector else [])
 
     with timer.stage("selection"):
         ctx = registry.PruningContext(
@@ -195,13 +205,19 @@ def prune(
 
     compensation_report: dict[str, Any] = {"method": compensate}
     if compensate != "none":
-        from .compensate import compensate_model
+        from .compensate import collect_moments, compensate_model
 
         with timer.stage("compensation"):
+            if stats is None:  # the strategy needed no statistics pass to ride on
+                t0 = time.perf_counter()
+                moments = collect_moments(net, calib.batches, seed=seed, max_tokens=moment_tokens)
+                moments_s = time.perf_counter() - t0
+            else:
+                moments, moments_s = collector.moments(), collector.seconds
             compensation_report = compensate_model(
-                net, plan, method=compensate, batches=calib.batches, seed=seed,
-                assignments=getattr(ctx, "artifacts", {}).get("assignments"),
+                net, plan, moments, method=compensate, assignments=ctx.artifacts.get("assignments"),
             )
+            compensation_report["moments_seconds"] = moments_s
 
     with timer.stage("surgery"):
         prune_model(net, plan)

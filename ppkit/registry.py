@@ -65,6 +65,9 @@ class PruningContext:
     lambda_: float = 5.0
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    #: by-products a strategy may leave for the core. Known key: ``"assignments"``, used by
+    #: ``--compensate merge``: {(layer, "attention" | "ffn"): {pruned unit: kept unit of its cluster}}
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     def option(self, key: str, default: Any, *, choices: tuple | None = None, cast: Callable[[Any], Any] | None = None) -> Any:
         """``options[key]`` (``default`` when absent or None), converted by ``cast`` and checked against ``choices``.

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +42,21 @@ log = logging.getLogger("ppkit.statistics")
 #: batches summed in float32 before the Gram partial sum is added to the float64 total (the float64
 #: read-modify-write of a 3072 x 3072 matrix per batch costs more than the precision it buys)
 GRAM_FLUSH_BATCHES = 8
+
+
+class ActivationObserver(Protocol):
+    """Something that wants to see the same activations in the same forward pass (e.g. the moment
+    collector of :mod:`ppkit.compensate`), so that a second pass over the calibration data is not needed."""
+
+    def start(self, masks: list[torch.Tensor]) -> None:
+        """Called once before the pass with every batch's [batch, seq] bool mask of real tokens."""
+
+    def begin_batch(self, index: int) -> None:
+        """Called before batch ``index`` runs."""
+
+    def observe(self, layer: int, kind: str, x: torch.Tensor) -> None:
+        """``x`` [batch, seq, cols]: the input of layer ``layer``'s attention output projection
+        (``kind="head"``) or FFN down projection (``kind="neuron"``)."""
 
 
 @dataclass
@@ -135,6 +150,7 @@ def collect_statistics(
     seed: int = 0,
     progress: bool = True,
     keep_gram: bool = False,
+    observers: Sequence[ActivationObserver] = (),
 ) -> ActivationStats:
     """Run the calibration ``batches`` through ``model`` once and return per-layer activation statistics.
 
@@ -143,6 +159,7 @@ def collect_statistics(
     ``None`` keeps streaming float64 Gram matrices over all tokens instead. ``keep_gram=True`` also
     accumulates the Gram matrices in sampled mode (for compensation). Batches are dicts of tensors
     as produced by :func:`ppkit.data.calibration_batches` (``input_ids``, ``attention_mask``, ...).
+    ``observers`` are shown the same activations during the same pass.
     """
     from .adapters import get_adapter
 
@@ -181,6 +198,8 @@ def collect_statistics(
     def make_hook(layer: int, kind: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             acc[layer].update(kind, args[0], state["batch"])
+            for observer in observers:
+                observer.observe(layer, kind, args[0])
 
         return hook
 
@@ -191,11 +210,15 @@ def collect_statistics(
             handles.append(adapter.ffn_activation_module(l).register_forward_pre_hook(make_hook(l, "neuron")))
         was_training = model.training
         model.eval()
+        for observer in observers:
+            observer.start(masks)
         try:
             with torch.inference_mode(), _progress(progress, len(batches)) as advance:
-                for batch, mask, pick in zip(batches, masks, picks):
+                for i, (batch, mask, pick) in enumerate(zip(batches, masks, picks)):
                     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
                     state["batch"] = _BatchIndex.build(mask, pick, device)
+                    for observer in observers:
+                        observer.begin_batch(i)
                     model(**inputs)
                     advance()
         finally:

@@ -124,3 +124,109 @@ def test_random_plan_on_minilm_never_gets_worse(minilm_path, shared_data):
     corrected = pooled(prune_model(model, plan))
     cos = torch.nn.functional.cosine_similarity
     assert cos(corrected, dense).mean() >= cos(plain, dense).mean()
+
+
+def test_moments_ride_on_the_statistics_pass():
+    """Given to collect_statistics, the collector sees the same tokens as its own forward pass."""
+    from ppkit.compensate import MomentCollector
+    from ppkit.statistics import collect_statistics
+
+    model = make_tiny_bert("BertModel")
+    batches = random_batches(model)
+    alone = collect_moments(model, batches, seed=4, max_tokens=200)
+    collector = MomentCollector(model, seed=4, max_tokens=200)
+    collect_statistics(model, batches, tokens=20, seed=0, progress=False, observers=[collector])
+    fused = collector.moments()
+    assert collector.seconds > 0
+    for a, b in zip(alone, fused):
+        for kind in ("attention", "ffn"):
+            ma, mb = getattr(a, kind), getattr(b, kind)
+            assert (ma.tokens_fit, ma.tokens_held) == (mb.tokens_fit, mb.tokens_held)
+            assert ma.tokens_fit + ma.tokens_held == 200  # the cap, out of 552 real tokens
+            assert ma.tokens_held > 0 and ma.tokens_fit > ma.tokens_held
+            torch.testing.assert_close(ma.fit, mb.fit)
+            torch.testing.assert_close(ma.held, mb.held)
+
+
+def test_merge_folds_a_neuron_into_its_assigned_unit():
+    """With a cluster assignment, a pruned neuron is folded into the kept unit it names, even when
+    another kept unit would explain it equally well."""
+    model = make_tiny_bert("BertModel")
+    shape = get_adapter(model).shape()
+    duplicate_neurons(model, {5: 1, 6: 1})  # 5 and 6 are copies of 1; prune 5, keep 1 and 6
+    batches = random_batches(model)
+    dense = last_hidden(model, batches)
+    keep = tuple(n for n in range(shape.ffn_dim) if n != 5)
+    plan = PruningPlan([LayerPlan(tuple(range(shape.num_heads)), keep)] * shape.num_layers, shape.num_heads, shape.ffn_dim)
+    before = [get_adapter(model).ffn_output_weight(l)[0].detach().clone() for l in range(shape.num_layers)]
+    assignments = {(l, "ffn"): {5: 6} for l in range(shape.num_layers)}
+    compensate_model(model, plan, method="merge", batches=batches, assignments=assignments)
+    for l in range(shape.num_layers):
+        after = get_adapter(model).ffn_output_weight(l)[0]
+        torch.testing.assert_close(after[6], before[l][6] + before[l][5], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(after[1], before[l][1])
+    assert (last_hidden(prune_model(model, plan), batches) - dense).abs().max().item() <= 1e-4
+
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from cli_support import build_workspace
+
+    return build_workspace(tmp_path_factory.mktemp("compensate-cli"))
+
+
+@pytest.mark.parametrize("strategy,method", [("dual-cp", "merge"), ("dual-cp", "lstsq"), ("random", "lstsq")])
+def test_prune_cli_compensates_and_reports(ws, tmp_path, capsys, strategy, method):
+    """``ppkit prune --compensate``: Dual-CP's moments ride on its statistics pass, random (no
+    statistics) collects them in a pass of its own; both report per-layer held-out errors that never
+    get worse, and the saved model is the compensated one."""
+    import json
+
+    from cli_support import run_cli
+
+    def prune(out, compensate):
+        args = ["prune", ws.bert, "--task", "sst2", "--data", ws.data, "--flops", "0.5", "--strategy", strategy,
+                "--samples", "48", "--tokens", "40", "--seed", "3", "--compensate", compensate, "--out", out,
+                "--no-plot", "-q"]
+        r = run_cli(args, capsys)
+        assert r.code == 0, r.text
+        return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+    report = prune(tmp_path / "comp", method)
+    plain = prune(tmp_path / "plain", "none")
+    comp = report["compensation"]
+    assert plain["compensation"] == {"method": "none"}
+    assert comp["method"] == method and comp["moments_seconds"] > 0
+    assert len(comp["layers"]) == 2 * len(report["heads_per_layer"])
+    assert all(l["error_after"] <= l["error_before"] for l in comp["layers"])
+    assert comp["accepted"] > 0
+    a, b = load_pruned(tmp_path / "comp"), load_pruned(tmp_path / "plain")
+    assert report["heads_per_layer"] == plain["heads_per_layer"]  # the same plan, other weights
+    batches = random_batches(a, n_batches=1)
+    assert (last_hidden(a, batches) - last_hidden(b, batches)).abs().max().item() > 1e-4
+
+
+def test_collector_flushes_across_batches_inside_inference_mode():
+    """More sampled rows than one flush: the float64 totals are updated inside and after the pass."""
+    from ppkit import compensate
+    from ppkit.compensate import MomentCollector
+    from ppkit.statistics import collect_statistics
+
+    model = make_tiny_bert("BertModel")
+    batches = random_batches(model)
+    reference = collect_moments(model, batches, seed=1, max_tokens=None)
+    collector = MomentCollector(model, seed=1, max_tokens=None)
+    old = compensate.FLUSH_ROWS
+    compensate.FLUSH_ROWS = 50  # several flushes during the pass, the rest at moments()
+    try:
+        collect_statistics(model, batches, tokens=20, progress=False, observers=[collector])
+        flushed = collector.moments()
+    finally:
+        compensate.FLUSH_ROWS = old
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    for a, b in zip(reference, flushed):
+        assert a.ffn.tokens_fit + a.ffn.tokens_held == b.ffn.tokens_fit + b.ffn.tokens_held == real_tokens
+        # the token weights' eps is per flushed chunk, so the totals agree closely, not bit for bit
+        assert ((a.ffn.fit - b.ffn.fit).norm() / a.ffn.fit.norm()).item() < 1e-2
+        b.ffn.fit += 1.0  # plain tensors: usable outside inference mode

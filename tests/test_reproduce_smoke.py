@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/reproduce.py: one real cell (MiniLM, SST-2, Dual-CP at 60% FLOPs) end to
-end through ``run_cell`` on a tiny subset, then the cache skip on rerun."""
+end through ``run_cell`` on a tiny subset (with ``--compensate lstsq``), then the cache skip on rerun."""
 
 from __future__ import annotations
 
@@ -24,16 +24,18 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
     rp = _load_reproduce()
     recipe = rp.Recipe(name="smoke", calibration_samples=64, train_limit={"sst2": 48}, eval_limit=48,
                        batch_size=16, fidelity_sentences=24)
-    cell = rp.Cell.parse("sst2/dual-cp/0.6/0")
+    cell = rp.Cell.parse("sst2/dual-cp-lstsq/0.6/0")  # Dual-CP + --compensate lstsq: the whole prune path
     results, cache = tmp_path / "results", tmp_path / "cache"
     start = time.perf_counter()
     res, computed = rp.run_cell(cell, recipe=recipe, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
     assert computed
     assert time.perf_counter() - start < 60
 
-    path = results / "sst2__dual-cp__0.6__s0.json"
+    path = results / "sst2__dual-cp-lstsq__0.6__s0.json"
     on_disk = json.loads(path.read_text())
-    assert on_disk["cell"] == "sst2/dual-cp/0.6/0" and on_disk["recipe_key"] == recipe.key()
+    assert on_disk["cell"] == "sst2/dual-cp-lstsq/0.6/0" and on_disk["recipe_key"] == recipe.key()
+    comp = on_disk["prune"]["compensation"]
+    assert comp["method"] == "lstsq" and comp["accepted"] > 0 and comp["mean_error_after"] < comp["mean_error_before"]
     assert on_disk["prune"]["flops_ratio"] <= 0.6 + 1e-9
     assert on_disk["prune"]["params_after"] < on_disk["prune"]["params_before"]
     # pruning changes the embeddings, but the pruned model still resembles the dense one
@@ -60,4 +62,7 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
     assert rp.Cell.parse("mrpc/dense/0.3").budget == 1.0
     g = rp.grid(tasks=["sst2"], seeds=[0])
     assert g[0].strategy == "dense" and g[1].budget == 0.6
-    assert sum(c.strategy == "dual-cp-mc" for c in g) == 1 and len(g) == 1 + 6 * 4 + 1
+    assert sum(c.strategy == "dual-cp-mc" for c in g) == 1
+    assert {(c.strategy, c.budget) for c in g if c.strategy.endswith("-lstsq")} == {
+        (s, b) for s in ("dual-cp-lstsq", "random-lstsq") for b in (0.6, 0.4)}
+    assert len(g) == 1 + 6 * 4 + 1 + 4

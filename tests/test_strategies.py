@@ -60,6 +60,17 @@ def test_dual_cp_keeps_one_per_duplicate_group_the_most_active(linkage):
     assert plan_flops(plan, SHAPE, S).ratio <= budget + 1e-12
 
 
+def test_dual_cp_leaves_each_pruned_unit_s_centroid_for_merge():
+    """``ctx.artifacts["assignments"]`` maps every pruned unit to the kept member of its cluster
+    (what ``--compensate merge`` folds it into)."""
+    budget, lam = budget_for(pruned_heads=2, pruned_neurons=6)
+    ctx = ctx_for(constructed_stats(), budget, lam)
+    run_strategy("dual-cp", ctx)
+    for l in range(L):
+        assert ctx.artifacts["assignments"][(l, "attention")] == {0: 2}
+        assert ctx.artifacts["assignments"][(l, "ffn")] == {0: 3, 7: 3, 5: 9}
+
+
 def test_dual_cp_random_selection_is_one_random_member_per_cluster():
     budget, lam = budget_for(2, 6)
     stats = constructed_stats()

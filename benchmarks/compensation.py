@@ -1,6 +1,6 @@
 """Does `--compensate` make a pruned model better *before* fine-tuning? (real all-MiniLM-L6-v2)
 
-For dual-cp, random (3 seeds), worst and kcm at FLOPs 0.8 / 0.6 / 0.4, each with compensation
+For dual-cp and random (3 seeds each), worst and kcm at FLOPs 0.8 / 0.6 / 0.4, each with compensation
 none / merge / lstsq, this measures on held-out SST-2 dev sentences:
 
 - fidelity to the dense model: mean cosine between dense and pruned mean-pooled embeddings, and the
@@ -18,7 +18,7 @@ Statistics and moments are collected once on the dense model and shared by every
 ``benchmarks/results/compensation.json`` and ``compensation.png``.
 
     python benchmarks/compensation.py                 # the full grid (~20-40 min on 2 busy cores)
-    python benchmarks/compensation.py --budgets 0.6 --strategies dual-cp --probe-train 500   # quick
+    python benchmarks/compensation.py --budgets 0.6 --strategies dual-cp --seeds 0 --probe-train 500   # quick
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.8,0.6,0.4")
     parser.add_argument("--strategies", default="dual-cp,random,worst,kcm")
     parser.add_argument("--methods", default="none,merge,lstsq")
-    parser.add_argument("--random-seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds for dual-cp and random (calibration sample, random choices)")
     parser.add_argument("--samples", type=int, default=1000, help="calibration samples (SST-2 train)")
     parser.add_argument("--timing-samples", type=int, default=3000, help="calibration samples for the cost measurement")
     parser.add_argument("--timing-rounds", type=int, default=3)
@@ -108,12 +108,23 @@ def main() -> None:
     timing = measure_cost(dense, tokenizer, args.timing_samples, args.timing_rounds,
                           [float(b) for b in args.budgets.split(",")])
     print(f"cost: {timing}", file=sys.stderr)
-    calib = calibration_batches("sst2", tokenizer, data=SST2, samples=args.samples, seed=0)
-    collector = MomentCollector(dense, seed=0)
-    collector_all = MomentCollector(dense, seed=0, max_tokens=None)
-    stats = collect_statistics(dense, calib.batches, tokens=200, seed=0, progress=False,
-                               observers=[collector, collector_all])
-    moments = {"lstsq": collector.moments(), "merge": collector.moments(), "lstsq-all": collector_all.moments()}
+    calibrated: dict[int, tuple] = {}
+
+    def calibrate(seed: int):
+        """Calibration sample, statistics and moments for ``seed`` (as ``ppkit prune --seed``), cached."""
+        if seed not in calibrated:
+            calib = calibration_batches("sst2", tokenizer, data=SST2, samples=args.samples, seed=seed)
+            collectors = {"lstsq": MomentCollector(dense, seed=seed)}
+            if seed == 0:
+                collectors["lstsq-all"] = MomentCollector(dense, seed=seed, max_tokens=None)
+            stats = collect_statistics(dense, calib.batches, tokens=200, seed=seed, progress=False,
+                                       observers=list(collectors.values()))
+            moments = {k: c.moments() for k, c in collectors.items()}
+            moments["merge"] = moments["lstsq"]
+            calibrated[seed] = (calib, stats, moments)
+        return calibrated[seed]
+
+    calib = calibrate(0)[0]
 
     probe_train = load_task_dataset("sst2", tokenizer, "train", data=SST2, limit=args.probe_train, limit_seed=1)
     train_batches, train_y = batches_of(probe_train, tokenizer)
@@ -148,13 +159,14 @@ def main() -> None:
         "cells": cells,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.random_seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
     for budget in [float(b) for b in args.budgets.split(",")]:
         for strategy in args.strategies.split(","):
-            for seed in (seeds if strategy == "random" else [0]):
+            for seed in (seeds if strategy in ("random", "dual-cp") else [0]):
+                seed_calib, stats, moments = calibrate(seed)
                 ctx = registry.PruningContext(
                     model=dense, adapter=adapter, shape=shape, stats=stats, flops_budget=budget,
-                    seq_len=calib.mean_length, lambda_=5.0, seed=seed, options={},
+                    seq_len=seed_calib.mean_length, lambda_=5.0, seed=seed, options={},
                 )
                 plan = registry.run_strategy(strategy, ctx)
                 methods = args.methods.split(",")
@@ -253,7 +265,9 @@ def write_readme_section(result: dict) -> None:
         f"{result['machine']['cpu_count']} cores (load {result['machine']['load_average_1min']:.1f}) · torch {result['versions']['torch']}.",
         "",
         ("" if result.get("complete", True) else "**Partial run** (the script was stopped before the last cell). ")
-        + f"Dense probe accuracy: **{result['dense']['probe_accuracy']:.3f}**. Random: mean of {len({c['seed'] for c in result['cells'] if c['strategy'] == 'random'})} seeds.",
+        + f"Dense probe accuracy: **{result['dense']['probe_accuracy']:.3f}**. Dual-CP and random: mean of "
+        f"{len({c['seed'] for c in result['cells'] if c['strategy'] in ('random', 'dual-cp')})} seeds (the seed picks the calibration "
+        "sample and every random choice, as `--seed`).",
         "",
         "| FLOPs | strategy | cosine none / merge / lstsq | hidden rel. error none / merge / lstsq | probe acc. none / merge / lstsq |",
         "| --- | --- | --- | --- | --- |",
@@ -278,6 +292,12 @@ def write_readme_section(result: dict) -> None:
         "",
         f"`lstsq` is closer to the dense model (cosine) than `none` in **{wins} of {total}** (strategy, budget, seed) cells.",
     ]
+    per_seed = [
+        f"{b:.1f}: " + ", ".join(f"s{n['seed']} {n['cosine']:.3f}→{l['cosine']:.3f}" for n, l in
+                                 zip(groups[(b, "dual-cp", "none")], groups[(b, "dual-cp", "lstsq")]))
+        for b in sorted({b for b, s_, m in groups if s_ == "dual-cp" and m == "lstsq"}, reverse=True)]
+    if per_seed:
+        lines.append("Dual-CP per seed, cosine `none`→`lstsq`: " + "; ".join(per_seed) + ".")
     if every:
         lines.append(
             f"Moments from {result['moment_tokens']} sampled calibration tokens (the default) vs all "

@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import ABLATION_BUDGET, BUDGETS, RANDOM_SEEDS, TASKS, grid, task_recipe  # noqa: E402
+from reproduce import ABLATION_BUDGET, BUDGETS, LSTSQ_BUDGETS, RANDOM_SEEDS, TASKS, grid, task_recipe  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -33,7 +33,7 @@ TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 METRIC_NAMES = {"accuracy": "accuracy", "spearman": "Spearman"}
 MAIN = ("dual-cp", "random", "kcm", "worst")
 NAMES = {"dense": "dense", "dual-cp": "Dual-CP", "dual-cp-mc": "+MC", "random": "random", "kcm": "KCM",
-         "worst": "worst"}
+         "worst": "worst", "dual-cp-lstsq": "Dual-CP + lstsq", "random-lstsq": "random + lstsq"}
 COLORS = {"dual-cp": "tab:red", "random": "tab:gray", "kcm": "tab:blue", "worst": "tab:green",
           "dual-cp-mc": "tab:orange"}
 PAPER_SPEEDUP = 1.8  # the paper's reported fine-tuning speedup at 60% FLOPs (MNLI), quoted for comparison
@@ -82,6 +82,13 @@ def fmt(cell: list[dict], key=score, digits: int = 1) -> str:
     if n == 0:
         return "infeasible" if any(r.get("infeasible") for r in cell) else "—"
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f} (n={n})" if n > 1 else "")
+
+
+def by_task(value) -> str:
+    """A recipe field that may differ per task, as text ("SST-2 1, MRPC 3" or "1")."""
+    if isinstance(value, dict):
+        return ", ".join(f"{TASK_NAMES.get(t, t)} {v}" for t, v in value.items())
+    return str(value)
 
 
 def metric_of(rows: list[dict], task: str) -> str:
@@ -216,6 +223,27 @@ def ablation_table(rows: list[dict]) -> list[str]:
             cells.append(text)
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
+
+
+def compensation_lines(rows: list[dict]) -> list[str]:
+    """Issue 9: Dual-CP and random with and without ``--compensate lstsq``, before and after fine-tuning."""
+    idx = index(rows)
+    fid = lambda r: None if r.get("fidelity") is None else r["fidelity"]["mean_cosine"]  # noqa: E731
+    out = []
+    for task in TASKS:
+        for b in LSTSQ_BUDGETS:
+            for base in ("dual-cp", "random"):
+                plain = [r for r in idx.get((task, base, b), []) if r["seed"] == 0]
+                comp = idx.get((task, f"{base}-lstsq", b), [])
+                if not plain or not comp:
+                    continue
+                d = score(comp[0]) - score(plain[0]) if score(comp[0]) is not None and score(plain[0]) is not None else math.nan
+                out.append(f"| {TASK_NAMES[task]} | {b:g} | {NAMES[base]} | {fmt(plain, key=fid, digits=3)} → "
+                           f"{fmt(comp, key=fid, digits=3)} | {fmt(plain)} → {fmt(comp)} ({d:+.1f}) |")
+    if not out:
+        return ["(no `-lstsq` cells yet)"]
+    return ["| task | FLOPs | strategy (seed 0) | fidelity before fine-tuning, none → lstsq | dev score after "
+            "fine-tuning, none → lstsq (Δ) |", "| --- | ---: | --- | ---: | ---: |"] + out
 
 
 def speedup_lines(rows: list[dict]) -> list[str]:
@@ -410,7 +438,7 @@ def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
             f"**Versions:** {'; '.join(vers)}.", "",
             "**Recipe (CPU)** " + (f"— results of different recipes are mixed for {', '.join(mixed)}! " if mixed else "")
             + f"`{rec['name']}`: model all-MiniLM-L6-v2; calibration {rec['calibration_samples']} random train samples "
-            f"(labels unused), T = {rec['tokens']} tokens, λ = {rec['lambda_']:g}; fine-tune {rec['epochs']} epoch(s) on a "
+            f"(labels unused), T = {rec['tokens']} tokens, λ = {rec['lambda_']:g}; fine-tune epochs {by_task(rec['epochs'])} on a "
             f"seeded subset of train ({', '.join(f'{TASK_NAMES[t]} {n}' for t, n in rec['train_limit'].items())} rows), "
             f"batch {rec['batch_size']}, lr {rec['learning_rate']:g} (linear decay, warm-up {rec['warmup_ratio']:g}, "
             f"weight decay {rec['weight_decay']:g}), max length "
@@ -452,6 +480,11 @@ def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
                   "centroid selection (= Dual-CP). In parentheses: the gain over Random (mean over seeds), as in the "
                   "paper's Table 2.", ""]
         lines += ablation_table(rows)
+        lines += ["", "### Does `--compensate lstsq` still matter after fine-tuning?", "",
+                  "The same cells with the kept weights re-solved before fine-tuning (`ppkit prune --compensate "
+                  "lstsq`, default 2048 moment tokens); same fine-tuning recipe. Differences within the tie band "
+                  "above are noise.", ""]
+        lines += compensation_lines(rows)
         lines += ["", f"### Fine-tuning speedup at {ABLATION_BUDGET:g} FLOPs (paper: {PAPER_SPEEDUP}x on MNLI with BERT-base)", "",
                   "Training wall time of the fine-tune (evaluation excluded), same recipe, one torch thread; and the "
                   "process CPU time of the whole `finetune()` call (loading, training, evaluation), which depends less "
@@ -473,7 +506,7 @@ def differences(rows: list[dict], lm: dict[str, list[dict]]) -> list[str]:
     lm_rec = next((r["recipe"] for rs in lm.values() for r in rs), None)
     calib = (f"{rec['calibration_samples']} samples instead of 3000 (T = {rec['tokens']} and λ = {rec['lambda_']:g}"
              if rec else "fewer samples than the paper's 3000 (T and λ")
-    ft = (f"{rec['epochs']} epoch(s) on a seeded subset of {min(rec['train_limit'].values())}–"
+    ft = (f"epochs {by_task(rec['epochs'])} on a seeded subset of {min(rec['train_limit'].values())}–"
           f"{max(rec['train_limit'].values())} training rows with batch {rec['batch_size']} and lr "
           f"{rec['learning_rate']:g}" if rec else "a short fine-tune on a training subset")
     lm_ft = (f"{lm_rec['ft_train_blocks']} PTB blocks ({lm_rec['ft_epochs']} epoch, batch {lm_rec['ft_batch_size']}, "

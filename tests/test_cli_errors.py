@@ -225,6 +225,14 @@ def test_bad_tokens(ws, tmp_path, capsys, value, fragment):
     assert_user_error(run_cli(prune_args(ws, out, tokens=value), capsys), fragment, out)
 
 
+@pytest.mark.parametrize("value", ["0", "lots"])
+def test_bad_compensate_tokens(ws, tmp_path, capsys, value):
+    out = tmp_path / "out"
+    fragment = f"--compensate-tokens must be a positive integer or 'all', got {value if value == '0' else repr(value)}"
+    args = prune_args(ws, out, compensate="lstsq", compensate_tokens=value)
+    assert_user_error(run_cli(args, capsys), fragment, out)
+
+
 @pytest.mark.parametrize("option, value, fragment", [
     ("lambda_", "-1", "--lambda must be a finite number >= 0, got -1.0"),
     ("lambda_", "nan", "--lambda must be a finite number >= 0, got nan"),

@@ -40,6 +40,8 @@ implemented here, and where it may deviate:
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -59,9 +61,26 @@ OPTIONS = {
 }
 
 
+#: R2 depends on the weights alone and costs ~1 TFLOP per MiniLM layer, while a sweep prunes the same
+#: pre-trained model at many budgets: results are remembered per process, keyed by the weights' bytes
+_R2_CACHE: dict[tuple, tuple[np.ndarray, int]] = {}
+_R2_CACHE_SIZE = 256
+
+
 def r2_scores(weights: torch.Tensor, sigma: float | None = None, tol: float = 1e-4, max_iter: int = 200) -> tuple[np.ndarray, int]:
     """Representative-ranking scores diag(C) [N] of the points ``weights`` [N, d], and the iterations used."""
-    x = weights.detach().float()  # on the model's device: the N x N products are the cost
+    x = weights.detach().float()
+    key = (hashlib.sha1(x.cpu().contiguous().numpy().tobytes()).hexdigest(), tuple(x.shape), sigma, tol, max_iter)
+    if key not in _R2_CACHE:
+        if len(_R2_CACHE) >= _R2_CACHE_SIZE:
+            _R2_CACHE.pop(next(iter(_R2_CACHE)))
+        _R2_CACHE[key] = _r2_scores(x, sigma, tol, max_iter)
+    scores, iterations = _R2_CACHE[key]
+    return scores.copy(), iterations
+
+
+def _r2_scores(x: torch.Tensor, sigma: float | None, tol: float, max_iter: int) -> tuple[np.ndarray, int]:
+    # on the model's device: the N x N products are the cost
     n = x.shape[0]
     if n == 1:
         return np.ones(1), 0

@@ -196,6 +196,26 @@ def test_kcm_r2_prefers_points_others_cannot_represent():
     assert score.tolist() == [2.0, 2.0, 2.0]  # rank sums: (0+2), (2+0), (1+1)
 
 
+def test_kcm_r2_is_remembered_per_weights():
+    """A budget sweep reuses R2 for the same weights; other weights are computed afresh."""
+    from ppkit.plugins import kcm
+
+    points = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    first, iters = kcm.r2_scores(points)
+    calls = []
+    real = kcm._r2_scores
+    kcm._r2_scores = lambda *a: calls.append(a) or real(*a)
+    try:
+        again, iters_again = kcm.r2_scores(points.clone())
+        first[0] = -1.0  # callers get copies: the cached scores stay intact
+        other, _ = kcm.r2_scores(points * 2.0)
+        assert kcm.r2_scores(points)[0][0] != -1.0
+    finally:
+        kcm._r2_scores = real
+    assert len(calls) == 1  # only the new weights were computed
+    assert iters_again == iters and np.array_equal(again, kcm._r2_scores(points, None, 1e-4, 200)[0])
+
+
 def test_bad_option_names_the_strategy():
     budget, lam = budget_for(2, 6)
     with pytest.raises(InputError, match="dual-cp.*linkage='ward'"):

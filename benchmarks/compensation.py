@@ -85,9 +85,21 @@ def main() -> None:
     parser.add_argument("--probe-train", type=int, default=2000, help="SST-2 train sentences for the probe")
     parser.add_argument("--out", type=Path, default=RESULTS / "compensation.json")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the README section from --out")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only re-measure the cost section into the existing --out (the cells stay)")
     args = parser.parse_args()
     if args.report_only:
         write_readme_section(json.loads(args.out.read_text(encoding="utf-8")))
+        return
+    if args.timing_only:
+        from ppkit.models import load_model, load_tokenizer
+
+        result = json.loads(args.out.read_text(encoding="utf-8"))
+        result["timing_s"] = measure_cost(load_model(MINILM), load_tokenizer(MINILM), args.timing_samples,
+                                          args.timing_rounds, [float(b) for b in args.budgets.split(",")])
+        result["timing_command"] = "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_readme_section(result)
         return
     torch.manual_seed(0)
 
@@ -306,7 +318,8 @@ def write_readme_section(result: dict) -> None:
     if "solve_lstsq" in t:
         cost = {b: (t["moments_in_collector"] + v) / t["plain_forward"] for b, v in t["solve_lstsq"].items()}
         lines.append(
-            f"Cost on {t['samples']} SST-2 calibration samples ({t['tokens']} tokens), one thread, medians of "
+            (f"(`{result['timing_command']}`) " if result.get("timing_command") else "")
+            + f"Cost on {t['samples']} SST-2 calibration samples ({t['tokens']} tokens), one thread, medians of "
             f"{t['rounds']} interleaved rounds: plain forward {t['plain_forward']:.1f} s, statistics pass "
             f"{t['statistics']:.1f} s, statistics pass with the moment collector {t['statistics_with_moments']:.1f} s "
             f"(inside the collector: {t['moments_in_collector']:.2f} s); the lstsq solve of the Dual-CP plan "

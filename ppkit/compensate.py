@@ -227,8 +227,9 @@ def _held_out_error(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor)
     sum_t w_t |[x_t,K] t - [x_t,1] Theta|^2 / sum_t w_t |[x_t,1] Theta|^2, expanded so each call costs
     one |K|^2 product instead of a full one."""
     g_kk = gram[keep][:, keep]
-    cross = gram[keep] @ theta
-    total = float(((gram @ theta) * theta).sum())
+    g_theta = gram @ theta
+    cross = g_theta[keep]
+    total = float((g_theta * theta).sum())
 
     def error(rows: torch.Tensor) -> float:
         if total <= 0:

@@ -358,7 +358,8 @@ def compensate_model(
             mom = getattr(moments[layer], kind)
             getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
             weight, bias = getter(layer)
-            theta = torch.cat([weight.detach().to(torch.float64), bias.detach().to(torch.float64).unsqueeze(0)], 0)
+            # solved on the CPU in float64, where the moments are, whatever the model's device
+            theta = torch.cat([weight.detach().to("cpu", torch.float64), bias.detach().to("cpu", torch.float64).unsqueeze(0)], 0)
             n = theta.shape[0] - 1
             keep_rows = torch.tensor([u * unit_size + i for u in units for i in range(unit_size)] + [n], dtype=torch.long)
             base_rows = theta[keep_rows]
@@ -384,7 +385,7 @@ def compensate_model(
                 new_theta = theta.clone()
                 new_theta[keep_rows] = best_rows
                 setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
-                setter(layer, new_theta[:n].to(weight.dtype), new_theta[n].to(bias.dtype))
+                setter(layer, new_theta[:n].to(weight.device, weight.dtype), new_theta[n].to(bias.device, bias.dtype))
             results.append(SublayerResult(layer, kind, err_before, best_err, accepted, best_ridge))
     return {
         "method": method,

@@ -58,6 +58,18 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
     assert computed and kcm["finetune"] is None and "cannot be reached" in kcm["infeasible"]
     assert (results / "sst2__kcm__0.2__s0.json").is_file()
 
+    # a recipe change that concerns the task makes the cached cell stale (recomputed on a plain rerun);
+    # one that concerns another task only does not
+    import dataclasses
+
+    kcm_cell = rp.Cell.parse("sst2/kcm/0.2/0")
+    other_task = dataclasses.replace(recipe, train_limit={"sst2": 48, "mrpc": 10})
+    _, computed = rp.run_cell(kcm_cell, recipe=other_task, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
+    assert not computed
+    this_task = dataclasses.replace(recipe, learning_rate=2e-5)
+    again, computed = rp.run_cell(kcm_cell, recipe=this_task, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
+    assert computed and again["recipe"]["learning_rate"] == 2e-5
+
     # the CLI's cell parsing and grid ordering
     assert rp.Cell.parse("mrpc/dense/0.3").budget == 1.0
     g = rp.grid(tasks=["sst2"], seeds=[0])

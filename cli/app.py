@@ -252,18 +252,6 @@ def export(
         _emit_json(report.to_dict())
 
 
-def _check_output_file(path: Optional[Path], flag: str) -> None:
-    """An output file option must name a file whose folder exists or can be created, and is writable."""
-    if path is None:
-        return
-    from ppkit.errors import OutputError
-    from ppkit.saving import check_parent_writable
-
-    if path.is_dir():
-        raise OutputError(f"{flag} {path} is a directory; give a file name")
-    check_parent_writable(path, flag)
-
-
 def _int_list(text: str, what: str) -> list[int]:
     from ppkit.errors import InputError
 
@@ -303,8 +291,10 @@ def bench(
     """
     from ppkit.bench import benchmark, render_table
 
+    from ppkit.saving import check_output_file
+
     for path, flag in ((json_out, "--json-out"), (plot, "--plot")):
-        _check_output_file(path, flag)  # fail now, not after minutes of timing
+        check_output_file(path, flag)  # fail now, not after minutes of timing
     report = benchmark(
         models, baseline=baseline, task=task, data=data, batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
         seq_len=seq_len, device=device, backend=backend, repeats=repeats, warmup=warmup,

@@ -538,6 +538,10 @@ def benchmark(
         raise InputError(f"{len(names)} names for {len(models)} models")
     if eval_limit is not None and eval_limit < 1:
         raise InputError(f"eval_limit must be a positive integer, got {eval_limit}")
+    from .saving import check_output_file
+
+    for path, flag in ((json_out, "json_out"), (plot, "plot")):
+        check_output_file(path, flag)  # fail now, not after minutes of timing
 
     task_spec = None
     if task is not None:

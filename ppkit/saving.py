@@ -274,6 +274,17 @@ def check_output_dir(path: str | Path, overwrite: bool, flag: str = "--out") -> 
     check_parent_writable(path, flag)
 
 
+def check_output_file(path: str | Path | None, flag: str) -> None:
+    """:class:`OutputError` unless ``path`` (when given) names a file, not a directory, whose folder
+    exists or can be created and is writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a directory; give a file name")
+    check_parent_writable(path, flag)
+
+
 def check_parent_writable(path: str | Path, flag: str = "--out") -> None:
     """:class:`OutputError` unless ``path``'s nearest existing ancestor is a writable directory."""
     path = Path(path)

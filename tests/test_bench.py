@@ -100,6 +100,20 @@ def test_bad_arguments_are_input_errors():
         benchmark([model], task="sst2", tokenizer=object(), **FAST)  # a BertModel has no classifier
 
 
+def test_unwritable_outputs_fail_before_any_timing(tmp_path, monkeypatch):
+    """From Python too: a json_out / plot that cannot be written is refused before models load."""
+    from ppkit import bench
+    from ppkit.errors import OutputError
+
+    monkeypatch.setattr(bench, "_load", lambda *a, **k: pytest.fail("models were loaded before the output check"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="is a directory"):
+        benchmark([make_tiny_bert()], json_out=tmp_path, **FAST)
+    with pytest.raises(OutputError, match="is a file, not a directory"):
+        benchmark([make_tiny_bert()], plot=blocker / "plot.png", **FAST)
+
+
 def test_interleaved_timing_rotates_and_counts_calls():
     calls: list[str] = []
     runners = [lambda n=n: calls.append(n) for n in "abc"]

@@ -25,6 +25,7 @@ Pruned and fine-tuned weights go to a cache directory outside the repo (``~/.cac
     python benchmarks/reproduce.py --only sst2/dual-cp/0.6/0         # (re)compute one cell
     python benchmarks/reproduce.py --recompute mrpc/kcm/0.3/0        # recompute one cell, run the rest
     python benchmarks/reproduce.py --list                            # show the grid and what is done
+    python benchmarks/reproduce.py & python benchmarks/reproduce.py  # two runners share the grid (cell locks)
     python benchmarks/make_report.py                                 # tables + plots into README.md
 """
 
@@ -251,22 +252,74 @@ def load_result(results_dir: Path, cell: Cell) -> dict | None:
 
 def run_cell(cell: Cell, *, recipe: Recipe = RECIPE, results_dir: Path = RESULTS, cache_dir: Path = CACHE,
              model_path: Path = MINILM, force: bool = False, keep_models: bool = False,
-             command: str | None = None) -> tuple[dict, bool]:
+             command: str | None = None) -> tuple[dict | None, bool]:
     """Run one cell (prune -> fidelity -> fine-tune -> dev metric) and write its JSON.
 
     Returns ``(result, computed)``; an existing result of the same recipe is returned as is
-    (``computed=False``) unless ``force``. Weights live under ``cache_dir`` and are deleted afterwards
-    unless ``keep_models``."""
+    (``computed=False``) unless ``force``; ``(None, False)`` when another runner is computing the
+    cell. Weights live under ``cache_dir`` and are deleted afterwards unless ``keep_models``."""
+    def cached() -> dict | None:
+        existing = load_result(results_dir, cell)
+        if existing is None or force:
+            return None
+        if task_recipe(existing.get("recipe", {}), cell.task) == task_recipe(recipe.to_dict(), cell.task):
+            return existing
+        log.warning("%s: cached result is from another recipe (stale): recomputing it", cell.id)
+        return None
+
+    if (existing := cached()) is not None:
+        return existing, False
+    lock = claim(cache_dir / "reproduce" / f"{cell.slug}.lock")
+    if lock is None:
+        log.info("%s: another runner is computing it; skipped", cell.id)
+        return None, False
+    try:
+        if (existing := cached()) is not None:  # finished by another runner meanwhile
+            return existing, False
+        return _run_cell(cell, recipe, results_dir, cache_dir, model_path, keep_models, command)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def claim(lock: Path) -> Path | None:
+    """Create ``lock`` holding this process id, or return None while a live process holds it (two
+    runners of the grid, e.g. one per core, then never compute the same cell). A lock left by a
+    process that no longer runs is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return None
+            lock.unlink(missing_ok=True)  # stale: its runner was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, model_path: Path,
+              keep_models: bool, command: str | None) -> tuple[dict, bool]:
     import torch
 
     from ppkit.finetune import finetune
     from ppkit.pipeline import prune
-
-    existing = load_result(results_dir, cell)
-    if existing is not None and not force:
-        if task_recipe(existing.get("recipe", {}), cell.task) == task_recipe(recipe.to_dict(), cell.task):
-            return existing, False
-        log.warning("%s: cached result is from another recipe (stale): recomputing it", cell.id)
 
     torch.set_num_threads(recipe.threads)
     data = GLUE / TASK_DIRS[cell.task]
@@ -421,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         res, computed = run_cell(cell, results_dir=args.results, cache_dir=args.cache, force=cell.id in force,
                                  keep_models=args.keep_models, command=command.strip())
         done += computed
+        if res is None:
+            continue
         ft = res["finetune"]
         if ft is None:
             log.info("[%d/%d] %s %s: infeasible (%s)", i, len(cells), cell.id, "computed" if computed else "cached",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,20 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
     this_task = dataclasses.replace(recipe, learning_rate=2e-5)
     again, computed = rp.run_cell(kcm_cell, recipe=this_task, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
     assert computed and again["recipe"]["learning_rate"] == 2e-5
+
+    # a cell another live runner holds is skipped; a lock left by a dead runner is taken over
+    import subprocess
+
+    busy = rp.Cell.parse("sst2/worst/0.2/0")
+    lock = cache / "reproduce" / f"{busy.slug}.lock"
+    lock.write_text(str(os.getppid()))  # a live process that is not this one
+    assert rp.run_cell(busy, recipe=recipe, results_dir=results, cache_dir=cache, model_path=Path(minilm_path)) == (None, False)
+    assert lock.is_file() and not (results / f"{busy.slug}.json").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(str(dead.pid))
+    assert rp.claim(lock) == lock and lock.read_text() == str(os.getpid())
+    lock.unlink()
 
     # the CLI's cell parsing and grid ordering
     assert rp.Cell.parse("mrpc/dense/0.3").budget == 1.0

@@ -93,3 +93,26 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
     assert {(c.strategy, c.budget) for c in g if c.strategy.endswith("-lstsq")} == {
         (s, b) for s in ("dual-cp-lstsq", "random-lstsq") for b in (0.6, 0.4)}
     assert len(g) == 1 + 6 * 4 + 1 + 4
+
+
+def test_report_lists_fine_tunes_that_did_not_learn_instead_of_scoring_them():
+    """make_report: a cell whose dev score is closer to the trivial predictor than to dense is marked †
+    and left out of the win / tie / loss counts; the others are compared as usual."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+
+    def row(strategy, budget, spearman):
+        return {"cell": f"stsb/{strategy}/{budget:g}/0", "task": "stsb", "strategy": strategy, "budget": budget,
+                "seed": 0, "finetune": {"best_metric": spearman, "metric": "spearman", "eval_examples": 1500}}
+
+    rows = [row("dense", 1.0, 0.84), row("dual-cp", 0.6, 0.24), row("random", 0.6, 0.27), row("kcm", 0.6, 0.71),
+            row("dual-cp", 0.9, 0.76), row("random", 0.9, 0.80)]
+    assert mr.failed_cells(rows) == {"stsb/dual-cp/0.6/0", "stsb/random/0.6/0"}  # floor (84 + 0) / 2 = 42
+    mr.FAILED.clear()
+    mr.FAILED.update(mr.failed_cells(rows))
+    lines, counts = mr.compare(mr.index(rows), rows)
+    assert counts["random"]["loss"] == 1 and counts["random"]["cells"] == ["STS-B 0.9: -4.0 (loss)"]
+    assert counts["kcm"]["win"] + counts["kcm"]["tie"] + counts["kcm"]["loss"] == 0  # Dual-CP 0.6 did not learn
+    assert "stsb/dual-cp/0.6/0" in lines[0] and mr.fmt([rows[1]]).endswith("†")

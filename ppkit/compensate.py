@@ -141,30 +141,27 @@ class MomentCollector:
     def _flush(self, key: tuple[int, str, str]) -> None:
         """Add the pending rows' weighted Gram matrix to the float64 total: one large product instead
         of one per batch (per-batch products and float64 adds of an N x N matrix cost more than the math)."""
+        layer, sublayer, part = key
         self._pending_rows.pop(key, None)
+        rows = torch.cat(self._pending.pop(key))
+        getter = self.adapter.attention_output_weight if sublayer == "attention" else self.adapter.ffn_output_weight
         # plain tensors even when called inside the statistics pass's inference mode, so the totals
         # can be updated there and used normally afterwards
         with torch.inference_mode(False):
-            self._flush_rows(key)
-
-    def _flush_rows(self, key: tuple[int, str, str]) -> None:
-        layer, sublayer, part = key
-        rows = torch.cat(self._pending.pop(key))
-        getter = self.adapter.attention_output_weight if sublayer == "attention" else self.adapter.ffn_output_weight
-        # weight each token by 1 / |its sublayer output|^2, so the fit minimises relative error
-        norm2 = (rows @ getter(layer)[0].detach().float()).pow(2).sum(-1)
-        eps = 1e-2 * float(norm2.mean()) + 1e-12
-        ext = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1) * (norm2 + eps).rsqrt().unsqueeze(1)
-        gram = (ext.T @ ext).double()
-        mom = self._layers[layer].get(sublayer)
-        if mom is None:
-            mom = self._layers[layer][sublayer] = Moments(torch.zeros_like(gram), torch.zeros_like(gram))
-        if part == "fit":
-            mom.fit += gram
-            mom.tokens_fit += rows.shape[0]
-        else:
-            mom.held += gram
-            mom.tokens_held += rows.shape[0]
+            # weight each token by 1 / |its sublayer output|^2, so the fit minimises relative error
+            norm2 = (rows @ getter(layer)[0].detach().float()).pow(2).sum(-1)
+            eps = 1e-2 * float(norm2.mean()) + 1e-12
+            ext = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1) * (norm2 + eps).rsqrt().unsqueeze(1)
+            gram = (ext.T @ ext).double()
+            mom = self._layers[layer].get(sublayer)
+            if mom is None:
+                mom = self._layers[layer][sublayer] = Moments(torch.zeros_like(gram), torch.zeros_like(gram))
+            if part == "fit":
+                mom.fit += gram
+                mom.tokens_fit += rows.shape[0]
+            else:
+                mom.held += gram
+                mom.tokens_held += rows.shape[0]
 
     def moments(self) -> list[LayerMoments]:
         """The accumulated moments (on CPU), one entry per layer."""
@@ -190,35 +187,14 @@ def collect_moments(
     max_tokens: int | None = MOMENT_TOKENS,
     holdout: float = HOLDOUT,
 ) -> list[LayerMoments]:
-    """A forward pass of its own over ``batches`` with a :class:`MomentCollector` (padding excluded).
-    Prefer giving the collector to :func:`~ppkit.statistics.collect_statistics` when statistics are
-    collected anyway."""
-    from .statistics import _model_device, _valid_mask
+    """The moments of ``batches`` alone: the statistics forward pass (which excludes padding) with a
+    :class:`MomentCollector` riding on it. Prefer giving the collector to
+    :func:`~ppkit.statistics.collect_statistics` yourself when statistics are collected anyway."""
+    from .statistics import collect_statistics
 
-    batches = list(batches)
     collector = MomentCollector(model, max_tokens=max_tokens, seed=seed, holdout=holdout)
-    collector.start([_valid_mask(b) for b in batches])
-    adapter = collector.adapter
-    device = _model_device(model)
-
-    def make_hook(layer: int, kind: str):
-        return lambda _module, args: collector.observe(layer, kind, args[0])
-
-    handles = []
-    was_training = model.training
-    try:
-        for layer in range(collector.num_layers):
-            handles.append(adapter.head_context_module(layer).register_forward_pre_hook(make_hook(layer, "head")))
-            handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(make_hook(layer, "neuron")))
-        model.eval()
-        with torch.inference_mode():
-            for i, batch in enumerate(batches):
-                collector.begin_batch(i)
-                model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    # tokens=1: the statistics themselves are not wanted, only the pass and its hooks
+    collect_statistics(model, batches, tokens=1, seed=seed, progress=False, observers=[collector])
     return collector.moments()
 
 

@@ -186,12 +186,12 @@ def prune(
     seq_len = float(flops_seq_len) if flops_seq_len is not None else float(calib.mean_length)
 
     stats = None
-    collector = None
-    if compensate != "none":
-        from .compensate import MomentCollector
-
-        collector = MomentCollector(net, seed=seed, max_tokens=moment_tokens)
+    collector = None  # the compensation moments, collected in the statistics pass when there is one
     if "activations" in info.needs:
+        if compensate != "none":
+            from .compensate import MomentCollector
+
+            collector = MomentCollector(net, seed=seed, max_tokens=moment_tokens)
         with timer.stage("statistics"):
             stats = collect_statistics(net, calib.batches, tokens=n_tokens, seed=seed, progress=progress,
                                        observers=[collector] if collector else [])
@@ -208,7 +208,7 @@ def prune(
         from .compensate import collect_moments, compensate_model
 
         with timer.stage("compensation"):
-            if stats is None:  # the strategy needed no statistics pass to ride on
+            if collector is None:  # the strategy needed no statistics pass to ride on
                 t0 = time.perf_counter()
                 moments = collect_moments(net, calib.batches, seed=seed, max_tokens=moment_tokens)
                 moments_s = time.perf_counter() - t0

@@ -157,7 +157,7 @@ def collect_statistics(
     ``tokens`` is the number of non-padding token positions sampled uniformly (seeded by ``seed``)
     for similarity and centroid scores, the same positions for every layer and both module types;
     ``None`` keeps streaming float64 Gram matrices over all tokens instead. ``keep_gram=True`` also
-    accumulates the Gram matrices in sampled mode (for compensation). Batches are dicts of tensors
+    accumulates the Gram matrices in sampled mode. Batches are dicts of tensors
     as produced by :func:`ppkit.data.calibration_batches` (``input_ids``, ``attention_mask``, ...).
     ``observers`` are shown the same activations during the same pass.
     """

@@ -74,10 +74,6 @@ def agg(vals: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-#: ids of fine-tunes that did not learn (see :func:`failed_cells`); set by :func:`render`
-FAILED: set[str] = set()
-
-
 def failed_cells(rows: list[dict]) -> set[str]:
     """Cells whose fine-tune did not learn the task: a dev score closer to the trivial predictor
     (majority class; Spearman 0 for STS-B) than to the dense model's. They are marked † in the tables
@@ -93,7 +89,8 @@ def failed_cells(rows: list[dict]) -> set[str]:
     return out
 
 
-def fmt(cell: list[dict], key=score, digits: int = 1) -> str:
+def fmt(cell: list[dict], key=score, digits: int = 1, failed: set[str] = frozenset()) -> str:
+    """Mean (± std over seeds) of ``key`` over a table cell's results; † when one of them is in ``failed``."""
     if not cell:
         return "—"
     if all(r.get("finetune") is None for r in cell) and key is score:
@@ -101,7 +98,7 @@ def fmt(cell: list[dict], key=score, digits: int = 1) -> str:
     m, s, n = agg([key(r) for r in cell])
     if n == 0:
         return "infeasible" if any(r.get("infeasible") for r in cell) else "—"
-    mark = " †" if key is score and any(r["cell"] in FAILED for r in cell) else ""
+    mark = " †" if key is score and any(r["cell"] in failed for r in cell) else ""
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f} (n={n})" if n > 1 else "") + mark
 
 
@@ -132,10 +129,11 @@ def tie_band(task: str, rows: list[dict], p: float) -> float:
     return 100.0 * math.sqrt(2 * p * (1 - p) / n)
 
 
-def compare(idx: dict, rows: list[dict]) -> tuple[list[str], dict]:
-    """Dual-CP vs each baseline per (task, budget): win / tie / loss lines and counts."""
+def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tuple[list[str], dict]:
+    """Dual-CP vs each baseline per (task, budget): win / tie / loss lines and counts; the cells in
+    ``failed`` (see :func:`failed_cells`) are listed, not counted."""
     lines, counts = [], {b: {"win": 0, "tie": 0, "loss": 0, "cells": []} for b in ("random", "kcm", "worst")}
-    learned = lambda r: score(r) is not None and r["cell"] not in FAILED  # noqa: E731
+    learned = lambda r: score(r) is not None and r["cell"] not in failed  # noqa: E731
     for task in TASKS:
         for budget in BUDGETS:
             ours = [score(r) for r in idx.get((task, "dual-cp", budget), []) if learned(r)]
@@ -152,12 +150,11 @@ def compare(idx: dict, rows: list[dict]) -> tuple[list[str], dict]:
                 verdict = "tie" if abs(d) < band else ("win" if d > 0 else "loss")
                 counts[base][verdict] += 1
                 counts[base]["cells"].append(f"{TASK_NAMES[task]} {budget:g}: {d:+.1f} ({verdict})")
-    if FAILED:
+    if failed:
         lines.append(f"- **Listed, not counted — the fine-tune did not learn the task** (†: dev score closer to the "
                      f"trivial predictor than to dense). With this short recipe such a collapse is an all-or-nothing "
                      f"event that swamps any difference between selections, so these cells are listed rather than "
-                     f"scored; whether some plans are harder to fine-tune is an open question: "
-                     f"{', '.join(sorted(FAILED))}.")
+                     f"scored (see \"Why some fine-tunes do not learn\" below): {', '.join(sorted(failed))}.")
     for base, c in counts.items():
         n = c["win"] + c["tie"] + c["loss"]
         if n:
@@ -202,7 +199,7 @@ def fidelity_summary(idx: dict) -> list[str]:
                 f"(highest mean cosine) at {best} of {total} task x budget points: " + "; ".join(lines) + "."]
 
 
-def glue_tables(rows: list[dict]) -> list[str]:
+def glue_tables(rows: list[dict], failed: set[str] = frozenset()) -> list[str]:
     idx = index(rows)
     out: list[str] = []
     tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
@@ -216,7 +213,8 @@ def glue_tables(rows: list[dict]) -> list[str]:
                 "| strategy | " + " | ".join(f"{b:g}" for b in BUDGETS) + " |",
                 "| --- | " + " | ".join("---:" for _ in BUDGETS) + " |"]
         for s in MAIN:
-            out.append(f"| {NAMES[s]} | " + " | ".join(fmt(idx.get((task, s, b), [])) for b in BUDGETS) + " |")
+            out.append(f"| {NAMES[s]} | " + " | ".join(fmt(idx.get((task, s, b), []), failed=failed) for b in BUDGETS)
+                       + " |")
         out.append("")
         out += [f"Sentence-embedding fidelity before fine-tuning ({TASK_NAMES[task]} dev sentences): mean cosine "
                 "between dense and pruned mean-pooled embeddings.", "",
@@ -230,7 +228,7 @@ def glue_tables(rows: list[dict]) -> list[str]:
     return out
 
 
-def ablation_table(rows: list[dict]) -> list[str]:
+def ablation_table(rows: list[dict], failed: set[str] = frozenset()) -> list[str]:
     idx = index(rows)
     b = ABLATION_BUDGET
     tasks = [t for t in TASKS if idx.get((t, "dual-cp", b)) or idx.get((t, "dual-cp-mc", b))]
@@ -244,7 +242,7 @@ def ablation_table(rows: list[dict]) -> list[str]:
         cells = []
         for t in tasks:
             c = idx.get((t, s, 1.0 if s == "dense" else b), [])
-            text = fmt(c)
+            text = fmt(c, failed=failed)
             m = agg([score(r) for r in c])[0]
             if s in ("dual-cp-mc", "dual-cp") and not math.isnan(m) and not math.isnan(base[t]):
                 text += f" ({m - base[t]:+.1f})"
@@ -253,7 +251,7 @@ def ablation_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def compensation_lines(rows: list[dict]) -> list[str]:
+def compensation_lines(rows: list[dict], failed: set[str] = frozenset()) -> list[str]:
     """Issue 9: Dual-CP and random with and without ``--compensate lstsq``, before and after fine-tuning."""
     idx = index(rows)
     fid = lambda r: None if r.get("fidelity") is None else r["fidelity"]["mean_cosine"]  # noqa: E731
@@ -267,7 +265,7 @@ def compensation_lines(rows: list[dict]) -> list[str]:
                     continue
                 d = score(comp[0]) - score(plain[0]) if score(comp[0]) is not None and score(plain[0]) is not None else math.nan
                 out.append(f"| {TASK_NAMES[task]} | {b:g} | {NAMES[base]} | {fmt(plain, key=fid, digits=3)} → "
-                           f"{fmt(comp, key=fid, digits=3)} | {fmt(plain)} → {fmt(comp)} ({d:+.1f}) |")
+                           f"{fmt(comp, key=fid, digits=3)} | {fmt(plain, failed=failed)} → {fmt(comp, failed=failed)} ({d:+.1f}) |")
     if not out:
         return ["(no `-lstsq` cells yet)"]
     return ["| task | FLOPs | strategy (seed 0) | fidelity before fine-tuning, none → lstsq | dev score after "
@@ -434,6 +432,79 @@ def lm_section(lm: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
     return out, plots
 
 
+def diagnosis_section(rows: list[dict], path: Path, failed: set[str] = frozenset()) -> list[str]:
+    """The step-level fine-tuning traces of ``diagnose_finetune.py``: a table, a plot and what they show."""
+    src = RESULTS / "finetune_diagnosis.json"
+    if not src.is_file():
+        return []
+    d = json.loads(src.read_text(encoding="utf-8"))
+    task, budget, diag = d["task"], d["budget"], d["rows"]
+    total = diag[0]["trace"][-1]["step"]
+    per_epoch = total // d["epochs"]
+    steps = sorted({p["step"] for p in diag[0]["trace"][:5]} | {per_epoch * e for e in range(1, d["epochs"] + 1)})
+    idx = index(rows)
+    main_metric = d.get("metric") or metric_of(rows, task)
+    out = [f"### Why some fine-tunes do not learn ({TASK_NAMES[task]} at {budget:g} FLOPs)", "",
+           f"`{d['command']}` (JSON: `benchmarks/results/finetune_diagnosis.json`). Each plan is pruned as in the "
+           f"grid (seed 0) and fine-tuned with the recipe's settings in a plain PyTorch loop that scores the first "
+           f"{d['eval_examples']} dev examples every {d['every']} steps ({per_epoch} steps per epoch). *Frozen probe*: "
+           f"ridge regression / least-squares classifier on the untouched model's final [CLS] vectors of the same "
+           f"train subset — how much of the task the features hold before any fine-tuning.", "",
+           "| strategy | heads per layer | frozen probe | " + " | ".join(f"step {s}" for s in steps)
+           + " | grid cell (full dev) |", "| --- | --- | ---: | " + " | ".join("---:" for _ in steps) + " | ---: |"]
+    at = lambda r, s: next((p["dev"] for p in r["trace"] if p["step"] == s), math.nan)  # noqa: E731
+    grid_cells = {r["strategy"]: [g for g in idx.get((task, r["strategy"], 1.0 if r["strategy"] == "dense" else budget), [])
+                                  if g["seed"] == 0] for r in diag}
+    for r in diag:
+        grid_cell = grid_cells[r["strategy"]]
+        heads = ", ".join(map(str, r["heads_per_layer"])) if r.get("heads_per_layer") else "all"
+        out.append(f"| {NAMES.get(r['strategy'], r['strategy'])} | {heads} | "
+                   f"{100 * r['frozen_probe'][main_metric]:.1f} | "
+                   + " | ".join(f"{100 * at(r, s):.1f}" for s in steps) + f" | {fmt(grid_cell, failed=failed)} |")
+    dense = next((r for r in diag if r["strategy"] == "dense"), None)
+    pruned = [r for r in diag if r["strategy"] != "dense"]
+    if dense and pruned:
+        probes = [100 * r["frozen_probe"][main_metric] for r in pruned]
+        first = [100 * at(r, per_epoch) for r in pruned]
+        dense_probe = 100 * dense["frozen_probe"][main_metric]
+        out += ["", f"After one epoch the dense model is at {100 * at(dense, per_epoch):.1f} and the pruned plans at "
+                f"{min(first):.1f}–{max(first):.1f}; their frozen probes are {min(probes):.1f}–{max(probes):.1f} "
+                f"(dense {dense_probe:.1f})."]
+        fails = [NAMES[r["strategy"]] for r in pruned if any(g["cell"] in failed for g in grid_cells[r["strategy"]])]
+        learns = [NAMES[r["strategy"]] for r in pruned if grid_cells[r["strategy"]]
+                  and not any(g["cell"] in failed for g in grid_cells[r["strategy"]])]
+        if fails and learns and min(probes) > dense_probe - 5:
+            out[-1] += (f" In the grid, {', '.join(fails)} did not learn (†) and {', '.join(learns)} did, yet the "
+                        "frozen probes are all close to dense: the task's information is in the pruned "
+                        "representations, and the plans that fail do not fail for lack of it. Their fine-tune does "
+                        "not leave the plateau of a nearly constant prediction within the recipe's few hundred "
+                        "steps, and neither the shape (see the heads per layer) nor the probe tells in advance which "
+                        "plan will. The paper's recipe (full train set, batch 32, 3 epochs on a 110M model) is far "
+                        "longer than this CPU one.")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for r in diag:
+        xs = [p["step"] for p in r["trace"]]
+        ax.plot(xs, [100 * p["dev"] for p in r["trace"]], marker=".", label=NAMES.get(r["strategy"], r["strategy"]),
+                color=COLORS.get(r["strategy"], "black"), linestyle="--" if r["strategy"] == "dense" else "-")
+    for e in range(1, d["epochs"]):
+        ax.axvline(per_epoch * e, color="gray", linewidth=0.5)
+    ax.set_xlabel("fine-tuning step (batch %d)" % d["recipe"]["batch_size"])
+    ax.set_ylabel(f"dev {METRIC_NAMES.get(main_metric, main_metric)} x100 (first {d['eval_examples']})")
+    ax.set_title(f"{TASK_NAMES[task]}: fine-tuning from dense and {budget:g}-FLOPs plans", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return out + ["", f"![dev score during fine-tuning](plots/{path.name})", ""]
+
+
 def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(current, stale): a cell is stale when the part of the current ``RECIPE`` that concerns its task
     has changed since it ran; ``reproduce.py`` recomputes it, and the tables leave it out."""
@@ -444,8 +515,7 @@ def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
     rows, stale = split_stale(rows)
-    FAILED.clear()
-    FAILED.update(failed_cells(rows))
+    failed = failed_cells(rows)
     idx = index(rows)
     lines = [START, "", "## Reproduction (paper Fig. 3, Fig. 5, Table 2)", "",
              "Generated by `python benchmarks/make_report.py` from `benchmarks/results/reproduce/*.json`, "
@@ -500,7 +570,7 @@ def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
         lines += ["### Accuracy vs FLOPs (paper Fig. 5)", "",
                   "![dev metric vs FLOPs ratio](plots/reproduce_glue.png)", "",
                   "![embedding fidelity vs FLOPs ratio](plots/reproduce_fidelity.png)", ""]
-        lines += glue_tables(rows)
+        lines += glue_tables(rows, failed)
         lines += ["### Where Dual-CP wins, ties or loses", "",
                   "Computed from the tables above. A difference counts as a tie when it is smaller than one standard "
                   "error of the difference of two accuracies on that dev set, sqrt(2p(1−p)/n) at the pair's mean "
@@ -509,19 +579,19 @@ def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
                               for t in TASKS if t != "stsb" and idx.get((t, "dense", 1.0)))
                   + " points); 1 point for STS-B's Spearman. Random uses the mean over its seeds. Infeasible baseline "
                   "cells (KCM prunes no heads, so it cannot reach low budgets) are not counted.", ""]
-        comp, _ = compare(idx, rows)
+        comp, _ = compare(idx, rows, failed)
         lines += comp or ["(no comparable cells yet)"]
         lines += fidelity_summary(idx)
         lines += ["", f"### Table 2 ablation at {ABLATION_BUDGET:g} FLOPs", "",
                   "+MC = Dual-CP's module clustering with a random member kept per cluster; +CS = clustering and "
                   "centroid selection (= Dual-CP). In parentheses: the gain over Random (mean over seeds), as in the "
                   "paper's Table 2.", ""]
-        lines += ablation_table(rows)
+        lines += ablation_table(rows, failed)
         lines += ["", "### Does `--compensate lstsq` still matter after fine-tuning?", "",
                   "The same cells with the kept weights re-solved before fine-tuning (`ppkit prune --compensate "
                   "lstsq`, default 2048 moment tokens); same fine-tuning recipe. Differences within the tie band "
                   "above are noise.", ""]
-        lines += compensation_lines(rows)
+        lines += compensation_lines(rows, failed)
         lines += ["", f"### Fine-tuning speedup at {ABLATION_BUDGET:g} FLOPs (paper: {PAPER_SPEEDUP}x on MNLI with BERT-base)", "",
                   "Training wall time of the fine-tune (evaluation excluded), same recipe, one torch thread; and the "
                   "process CPU time of the whole `finetune()` call (loading, training, evaluation), which depends less "
@@ -529,6 +599,7 @@ def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
                   "wall-time ratio is noisy.", ""]
         lines += speedup_lines(rows)
         lines.append("")
+        lines += diagnosis_section(rows, PLOTS / "finetune_diagnosis.png", failed)
     if lm or (RESULTS / "small_gpt2_train.json").is_file():
         lines += ["### GPT-2: perplexity vs FLOPs (paper Fig. 3)", ""]
         lm_lines, _ = lm_section(lm)

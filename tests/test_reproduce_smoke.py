@@ -109,10 +109,42 @@ def test_report_lists_fine_tunes_that_did_not_learn_instead_of_scoring_them():
 
     rows = [row("dense", 1.0, 0.84), row("dual-cp", 0.6, 0.24), row("random", 0.6, 0.27), row("kcm", 0.6, 0.71),
             row("dual-cp", 0.9, 0.76), row("random", 0.9, 0.80)]
-    assert mr.failed_cells(rows) == {"stsb/dual-cp/0.6/0", "stsb/random/0.6/0"}  # floor (84 + 0) / 2 = 42
-    mr.FAILED.clear()
-    mr.FAILED.update(mr.failed_cells(rows))
-    lines, counts = mr.compare(mr.index(rows), rows)
+    failed = mr.failed_cells(rows)
+    assert failed == {"stsb/dual-cp/0.6/0", "stsb/random/0.6/0"}  # floor (84 + 0) / 2 = 42
+    lines, counts = mr.compare(mr.index(rows), rows, failed)
     assert counts["random"]["loss"] == 1 and counts["random"]["cells"] == ["STS-B 0.9: -4.0 (loss)"]
     assert counts["kcm"]["win"] + counts["kcm"]["tie"] + counts["kcm"]["loss"] == 0  # Dual-CP 0.6 did not learn
-    assert "stsb/dual-cp/0.6/0" in lines[0] and mr.fmt([rows[1]]).endswith("†")
+    assert "stsb/dual-cp/0.6/0" in lines[0] and mr.fmt([rows[1]], failed=failed).endswith("†")
+
+
+def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_path, minilm_path, monkeypatch):
+    """benchmarks/diagnose_finetune.py on a tiny SST-2 subset: the plan is pruned as in the grid, the
+    frozen probe and the step trace are real metrics, and make_report turns the JSON into a table + plot."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("diagnose_bench", REPO / "benchmarks" / "diagnose_finetune.py")
+    dg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dg)
+    recipe = dg.Recipe(name="smoke", calibration_samples=32, train_limit={"sst2": 40}, batch_size=16)
+    row = dg.diagnose("sst2", 0.6, "dual-cp", epochs=1, every=2, eval_limit=24, work=tmp_path / "work",
+                      recipe=recipe, model_path=Path(minilm_path))
+    assert [p["step"] for p in row["trace"]] == [0, 2, 3]  # 40 rows / batch 16 = 3 steps; every 2 + the last
+    assert row["trace"][0]["train_loss"] is None and all(p["train_loss"] > 0 for p in row["trace"][1:])
+    assert all(0.0 <= p["dev"] <= 1.0 and 0.0 < p["majority_share"] <= 1.0 for p in row["trace"])
+    assert 0.0 <= row["frozen_probe"]["accuracy"] <= 1.0 and row["frozen_probe"]["ridge"] > 0
+    assert sum(row["heads_per_layer"]) < 72  # the pruned plan, not the dense model
+
+    mspec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
+    mr = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(mr)
+    dense = {**row, "strategy": "dense", "budget": 1.0, "heads_per_layer": None}
+    (tmp_path / "finetune_diagnosis.json").write_text(json.dumps(
+        {"task": "sst2", "metric": "accuracy", "budget": 0.6, "epochs": 1, "every": 2, "eval_examples": 24,
+         "recipe": recipe.to_dict(), "command": "python benchmarks/diagnose_finetune.py --task sst2",
+         "rows": [dense, row]}))
+    monkeypatch.setattr(mr, "RESULTS", tmp_path)
+    lines = mr.diagnosis_section([], tmp_path / "plots" / "diag.png")
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| strategy | heads per layer | frozen probe | step 0 | step 2 | step 3 |")
+    assert table[2].startswith("| dense | all |") and table[3].startswith("| Dual-CP | ")
+    assert f"{100 * row['trace'][-1]['dev']:.1f} | — |" in table[3]  # no grid cell for it in this report
+    assert (tmp_path / "plots" / "diag.png").stat().st_size > 0

@@ -560,6 +560,7 @@ def render(rows: list[dict], lm: dict[str, list[dict]]) -> str:
               "nice -n 10 python benchmarks/train_small_gpt2.py          # small GPT-2 trained here (once)",
               "nice -n 10 python benchmarks/reproduce_lm.py              # GPT-2 perplexity grid, resumable",
               "python benchmarks/reproduce_lm.py --model gpt2            # same grid on OpenAI's GPT-2 (needs the hub)",
+              "nice -n 10 python benchmarks/diagnose_finetune.py         # step-level look at fine-tunes that do not learn",
               "python benchmarks/make_report.py                          # this section and the plots",
               "```", ""]
     ran = sorted({r["command"] for r in rows} | {r["command"] for rs in lm.values() for r in rs})

@@ -18,7 +18,7 @@ import json
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,8 +76,8 @@ def agg(vals: list[float]) -> tuple[float, float, int]:
 
 def failed_cells(rows: list[dict]) -> set[str]:
     """Cells whose fine-tune did not learn the task: a dev score closer to the trivial predictor
-    (majority class; Spearman 0 for STS-B) than to the dense model's. They are marked † in the tables
-    and left out of the win / tie / loss counts (listed instead)."""
+    (majority class; Spearman 0 for STS-B) than to the dense model's. They are marked † in the tables,
+    and the win / tie / loss counts are given with and without them."""
     out = set()
     for task in TASKS:
         dense = [score(r) for r in rows if r["task"] == task and r["strategy"] == "dense" and score(r) is not None]
@@ -129,37 +129,50 @@ def tie_band(task: str, rows: list[dict], p: float) -> float:
     return 100.0 * math.sqrt(2 * p * (1 - p) / n)
 
 
+def verdict(task: str, rows: list[dict], ours: list[dict], theirs: list[dict]) -> tuple[float, str]:
+    """(Dual-CP − baseline in points, "win" / "tie" / "loss") from the mean scores over seeds."""
+    o, t = statistics.fmean(score(r) for r in ours), statistics.fmean(score(r) for r in theirs)
+    d = o - t
+    return d, "tie" if abs(d) < tie_band(task, rows, (o + t) / 2) else ("win" if d > 0 else "loss")
+
+
 def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tuple[list[str], dict]:
-    """Dual-CP vs each baseline per (task, budget): win / tie / loss lines and counts; the cells in
-    ``failed`` (see :func:`failed_cells`) are listed, not counted."""
-    lines, counts = [], {b: {"win": 0, "tie": 0, "loss": 0, "cells": []} for b in ("random", "kcm", "worst")}
-    learned = lambda r: score(r) is not None and r["cell"] not in failed  # noqa: E731
+    """Dual-CP vs each baseline per (task, budget): win / tie / loss counts over every point ("all") and
+    over the points where no fine-tune involved is in ``failed`` ("learned", see :func:`failed_cells`)."""
+    counts = {b: {"all": Counter(), "learned": Counter(), "cells": []} for b in ("random", "kcm", "worst")}
+    done = lambda key: [r for r in idx.get(key, []) if score(r) is not None]  # noqa: E731
     for task in TASKS:
         for budget in BUDGETS:
-            ours = [score(r) for r in idx.get((task, "dual-cp", budget), []) if learned(r)]
+            ours = done((task, "dual-cp", budget))
             if not ours:
                 continue
-            o = statistics.fmean(ours)
-            for base in counts:
-                theirs = [score(r) for r in idx.get((task, base, budget), []) if learned(r)]
+            for base, c in counts.items():
+                theirs = done((task, base, budget))
                 if not theirs:
                     continue
-                t = statistics.fmean(theirs)
-                band = tie_band(task, rows, (o + t) / 2)
-                d = o - t
-                verdict = "tie" if abs(d) < band else ("win" if d > 0 else "loss")
-                counts[base][verdict] += 1
-                counts[base]["cells"].append(f"{TASK_NAMES[task]} {budget:g}: {d:+.1f} ({verdict})")
+                d, v = verdict(task, rows, ours, theirs)
+                c["all"][v] += 1
+                ours_ok, theirs_ok = ([r for r in x if r["cell"] not in failed] for x in (ours, theirs))
+                if ours_ok and theirs_ok:
+                    c["learned"][verdict(task, rows, ours_ok, theirs_ok)[1]] += 1
+                dagger = " †" if len(ours_ok) < len(ours) or len(theirs_ok) < len(theirs) else ""
+                c["cells"].append(f"{TASK_NAMES[task]} {budget:g}: {d:+.1f} ({v}){dagger}")
+    lines = []
     if failed:
-        lines.append(f"- **Listed, not counted — the fine-tune did not learn the task** (†: dev score closer to the "
-                     f"trivial predictor than to dense). With this short recipe such a collapse is an all-or-nothing "
-                     f"event that swamps any difference between selections, so these cells are listed rather than "
-                     f"scored (see \"Why some fine-tunes do not learn\" below): {', '.join(sorted(failed))}.")
+        lines.append(f"- **†: a fine-tune did not learn the task** (dev score closer to the trivial predictor than to "
+                     f"dense): {', '.join(sorted(failed))}. Such a plan is a real outcome of pruning with this recipe "
+                     f"(see \"Why some fine-tunes do not learn\" below), so the points are counted as measured; the "
+                     f"counts are repeated without the points that involve one.")
+    tally = lambda c: f"{c['win']} wins, {c['tie']} ties, {c['loss']} losses"  # noqa: E731
     for base, c in counts.items():
-        n = c["win"] + c["tie"] + c["loss"]
-        if n:
-            lines.append(f"- **vs {NAMES[base]}** ({n} task x budget points): **{c['win']} wins, {c['tie']} ties, "
-                         f"{c['loss']} losses**. Δ (Dual-CP − {NAMES[base]}, points): " + "; ".join(c["cells"]) + ".")
+        n = sum(c["all"].values())
+        if not n:
+            continue
+        line = f"- **vs {NAMES[base]}** ({n} task x budget points): **{tally(c['all'])}**"
+        if failed:
+            m = sum(c["learned"].values())
+            line += f"; without the † points ({m} left): **{tally(c['learned'])}**"
+        lines.append(line + f". Δ (Dual-CP − {NAMES[base]}, points): " + "; ".join(c["cells"]) + ".")
     return lines, counts
 
 

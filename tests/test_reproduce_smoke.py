@@ -95,9 +95,9 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
     assert len(g) == 1 + 6 * 4 + 1 + 4
 
 
-def test_report_lists_fine_tunes_that_did_not_learn_instead_of_scoring_them():
-    """make_report: a cell whose dev score is closer to the trivial predictor than to dense is marked †
-    and left out of the win / tie / loss counts; the others are compared as usual."""
+def test_report_marks_fine_tunes_that_did_not_learn_and_counts_with_and_without_them():
+    """make_report: a cell whose dev score is closer to the trivial predictor than to dense is marked †;
+    the win / tie / loss counts take every point as measured and are repeated without the † points."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
     mr = importlib.util.module_from_spec(spec)
@@ -112,9 +112,12 @@ def test_report_lists_fine_tunes_that_did_not_learn_instead_of_scoring_them():
     failed = mr.failed_cells(rows)
     assert failed == {"stsb/dual-cp/0.6/0", "stsb/random/0.6/0"}  # floor (84 + 0) / 2 = 42
     lines, counts = mr.compare(mr.index(rows), rows, failed)
-    assert counts["random"]["loss"] == 1 and counts["random"]["cells"] == ["STS-B 0.9: -4.0 (loss)"]
-    assert counts["kcm"]["win"] + counts["kcm"]["tie"] + counts["kcm"]["loss"] == 0  # Dual-CP 0.6 did not learn
-    assert "stsb/dual-cp/0.6/0" in lines[0] and mr.fmt([rows[1]], failed=failed).endswith("†")
+    # every point counts as measured; the points with a † fine-tune are counted again without them
+    assert counts["random"]["all"] == {"loss": 2} and counts["random"]["learned"] == {"loss": 1}
+    assert counts["random"]["cells"] == ["STS-B 0.9: -4.0 (loss)", "STS-B 0.6: -3.0 (loss) †"]
+    assert counts["kcm"]["all"] == {"loss": 1} and not counts["kcm"]["learned"]  # Dual-CP 0.6 did not learn
+    assert "stsb/dual-cp/0.6/0" in lines[0] and "without the † points (1 left): **0 wins, 0 ties, 1 losses**" in lines[1]
+    assert mr.fmt([rows[1]], failed=failed).endswith("†") and not mr.fmt([rows[3]], failed=failed).endswith("†")
 
 
 def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_path, minilm_path, monkeypatch):

@@ -311,7 +311,10 @@ def speedup_lines(rows: list[dict]) -> list[str]:
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"] + out
 
 
-def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric x100", title: str = "") -> bool:
+def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric x100", title: str = "",
+              failed: set[str] = frozenset()) -> bool:
+    """One panel per task: ``key`` vs FLOPs ratio, a line per strategy, dense dashed; points with a
+    fine-tune in ``failed`` get a black cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,9 +343,15 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
             ax.plot(xs, ys, marker="o", color=COLORS[s], label=NAMES[s] + (" (mean, min-max)" if s == "random" else ""))
             if s == "random" and any(h > l for h, l in zip(hi, lo)):
                 ax.fill_between(xs, lo, hi, color=COLORS[s], alpha=0.2)
+            bad = [(x, y) for x, y in zip(xs, ys) if any(r["cell"] in failed for r in idx.get((task, s, x), []))]
+            if bad:
+                ax.scatter(*zip(*bad), marker="x", s=60, color="black", zorder=4, label="† did not learn")
         dense = [key(r) for r in idx.get((task, "dense", 1.0), []) if key(r) is not None]
         if dense:
             ax.axhline(statistics.fmean(dense), color="black", linestyle="--", label="dense")
+        maj = majority_rate(task) if key is score else None
+        if maj is not None:
+            ax.axhline(maj, color="gray", linestyle=":", label="majority class")
         ax.set_title(f"{TASK_NAMES[task]} ({METRIC_NAMES.get(metric_of(rows, task), '')})")
         ax.set_xlabel("FLOPs ratio kept")
         ax.set_xlim(max(BUDGETS) + 0.05, min(BUDGETS) - 0.05)  # high to low, as the paper
@@ -679,10 +688,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS, PLOTS = args.results, args.plots
     rows = load_glue(args.results / "reproduce")
     lm = load_lm(args.results / "reproduce_lm")
-    if rows:
-        plot_glue(rows, PLOTS / "reproduce_glue.png",
+    current, _ = split_stale(rows)  # the plots, like the tables, leave out cells of an earlier recipe
+    if current:
+        plot_glue(current, PLOTS / "reproduce_glue.png", failed=failed_cells(current),
                   title="MiniLM-L6 P-pruned then fine-tuned (CPU recipe; dashed = dense)")
-        plot_glue(rows, PLOTS / "reproduce_fidelity.png",
+        plot_glue(current, PLOTS / "reproduce_fidelity.png",
                   key=lambda r: None if r.get("fidelity") is None else r["fidelity"]["mean_cosine"],
                   ylabel="mean cosine to dense embedding", title="Sentence-embedding fidelity before fine-tuning")
     text = render(rows, lm)

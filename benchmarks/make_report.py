@@ -350,8 +350,11 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
         if dense:
             ax.axhline(statistics.fmean(dense), color="black", linestyle="--", label="dense")
         maj = majority_rate(task) if key is score else None
-        if maj is not None:
+        if maj is not None and maj >= ax.get_ylim()[0] - 3:
             ax.axhline(maj, color="gray", linestyle=":", label="majority class")
+        elif maj is not None:  # far below every point: a line would squash the panel
+            ax.text(0.98, 0.02, f"majority class: {maj:.1f}", transform=ax.transAxes, ha="right", fontsize=7,
+                    color="gray")
         ax.set_title(f"{TASK_NAMES[task]} ({METRIC_NAMES.get(metric_of(rows, task), '')})")
         ax.set_xlabel("FLOPs ratio kept")
         ax.set_xlim(max(BUDGETS) + 0.05, min(BUDGETS) - 0.05)  # high to low, as the paper

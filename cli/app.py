@@ -162,6 +162,8 @@ def finetune(
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the paper's per task, e.g. GLUE 3)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default: the paper's, e.g. 32); split across torchrun processes."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the paper's, e.g. 2e-5 for GLUE)."),
+    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear learning-rate warm-up, in [0, 1) (then linear decay)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (not applied to biases and LayerNorm)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per example (default: the task's)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, head initialisation and subsets."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use a seeded random subset of this many training examples."),
@@ -186,7 +188,8 @@ def finetune(
     result = run_finetune(
         model, task, out_dir=out, data=data, epochs=epochs, batch_size=batch_size, learning_rate=lr,
         max_length=max_length, seed=seed, train_limit=train_limit, eval_limit=eval_limit,
-        progress=not quiet, overwrite=overwrite, allow_pickle=allow_pickle,
+        progress=not quiet, overwrite=overwrite, allow_pickle=allow_pickle, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return

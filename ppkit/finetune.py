@@ -294,6 +294,8 @@ def finetune(
         raise InputError(f"learning rate must be positive, got {learning_rate!r}")
     if not 0 <= warmup_ratio < 1:
         raise InputError(f"warmup ratio must be in [0, 1), got {warmup_ratio!r}")
+    if not weight_decay >= 0:
+        raise InputError(f"weight decay must be zero or positive, got {weight_decay!r}")
     out = Path(out_dir).absolute()
     _check_output(out, overwrite)
     ckpt = Path(checkpoint_dir).absolute() if checkpoint_dir else out.parent / f".{out.name}.ppkit-checkpoints"

@@ -635,6 +635,28 @@ def test_finetune_bad_epochs(ws, tmp_path, capsys):
     assert_user_error(r, "epochs must be a positive integer, got 0", out)
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--warmup-ratio", "1.5", "warmup ratio must be in [0, 1), got 1.5"),
+    ("--weight-decay", "-0.1", "weight decay must be zero or positive, got -0.1"),
+])
+def test_finetune_bad_schedule(ws, tmp_path, capsys, flag, value, message):
+    out = tmp_path / "ft"
+    r = run_cli(["finetune", ws.pruned, "--task", "sst2", "--data", ws.data, "--out", out, flag, value, "-q"], capsys)
+    assert_user_error(r, message, out)
+
+
+def test_finetune_schedule_options_reach_the_trainer(ws, tmp_path, capsys):
+    """--warmup-ratio / --weight-decay are recorded in finetune.json, and the run keeps the pruned shape."""
+    out = tmp_path / "ft"
+    r = run_cli(["finetune", ws.pruned, "--task", "sst2", "--data", ws.data, "--out", out, "--epochs", "1",
+                 "--train-limit", "16", "--eval-limit", "8", "--batch-size", "8", "--warmup-ratio", "0.25",
+                 "--weight-decay", "0.01", "--json", "-q"], capsys)
+    assert r.code == 0, r.err
+    settings = json.loads((out / "finetune.json").read_text())["settings"]
+    assert settings["warmup_ratio"] == 0.25 and settings["weight_decay"] == 0.01 and settings["pruned"]
+    assert json.loads(r.out)["settings"] == settings
+
+
 # ------------------------------------------------------------------------------- a real separate process
 
 

@@ -516,21 +516,28 @@ def diagnosis_section(rows: list[dict], path: Path, failed: set[str] = frozenset
                             f"{'did' if learned_grid else 'did not'} in the grid ({score(cells[0]):.1f}): with this "
                             "short recipe the outcome depends on the run (data order, the Trainer's details), not only "
                             "on the plan.")
-        same_shape = lambda a, b: (a["heads_per_layer"], a.get("neurons_per_layer")) == (  # noqa: E731
-            b["heads_per_layer"], b.get("neurons_per_layer"))
-        if any(r is not o and same_shape(r, o) and
-               (grid_cells[r["strategy"]] and grid_cells[r["strategy"]][0]["cell"] in failed) !=
-               (grid_cells[o["strategy"]] and grid_cells[o["strategy"]][0]["cell"] in failed)
-               for r in pruned for o in pruned):
+        shape = lambda r: (r["heads_per_layer"], r.get("neurons_per_layer"))  # noqa: E731
+        outcome = {r["strategy"]: grid_cells[r["strategy"]][0]["cell"] in failed for r in pruned
+                   if grid_cells[r["strategy"]]}
+        if any(shape(r) == shape(o) and r["strategy"] in outcome and o["strategy"] in outcome
+               and outcome[r["strategy"]] != outcome[o["strategy"]] for r in pruned for o in pruned):
             out[-1] += (" Plans with the same heads and neurons per layer can land on either side, so the shape "
                         "alone does not decide it.")
         out[-1] += (" The paper's recipe (the full train set, 3 epochs of batch 32, a 110M model) is much longer "
                     "than this CPU one.")
+    plot_diagnosis(d, path, main_metric)
+    return out + ["", f"![dev score during fine-tuning](plots/{path.name})", ""]
+
+
+def plot_diagnosis(d: dict, path: Path, main_metric: str) -> None:
+    """Dev score vs fine-tuning step, one line per plan, epochs marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    diag, task, budget = d["rows"], d["task"], d["budget"]
+    per_epoch = diag[0]["trace"][-1]["step"] // d["epochs"]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in diag:
         xs = [p["step"] for p in r["trace"]]
@@ -547,7 +554,6 @@ def diagnosis_section(rows: list[dict], path: Path, failed: set[str] = frozenset
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return out + ["", f"![dev score during fine-tuning](plots/{path.name})", ""]
 
 
 def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import CACHE, GLUE, MINILM, PRUNE_ARGS, RECIPE, RESULTS, TASK_DIRS, Recipe, machine  # noqa: E402
+from reproduce import (CACHE, GLUE, MINILM, PRUNE_ARGS, RECIPE, RESULTS, TASK_DIRS, Recipe, machine,  # noqa: E402
+                       prune_as_grid)
 
 OUT = RESULTS.parent / "finetune_diagnosis.json"
 
@@ -131,7 +132,6 @@ def diagnose(task: str, budget: float, strategy: str, *, epochs: int, every: int
 
     from ppkit.data import load_task_dataset
     from ppkit.models import load_model, load_tokenizer
-    from ppkit.pipeline import prune
     from ppkit.tasks import get_task
 
     spec = get_task(task)
@@ -139,11 +139,7 @@ def diagnose(task: str, budget: float, strategy: str, *, epochs: int, every: int
     source = str(model_path)
     row: dict[str, Any] = {"strategy": strategy, "budget": 1.0 if strategy == "dense" else budget}
     if strategy != "dense":
-        name, options, compensate = PRUNE_ARGS[strategy]
-        res = prune(str(model_path), task=task, flops=budget, strategy=name, data=data,
-                    samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_, seed=0,
-                    options=options, compensate=compensate, out=work / strategy, plot=False, progress=False,
-                    max_length=recipe.max_length[task], overwrite=True)
+        res = prune_as_grid(model_path, task, strategy, budget, 0, recipe, work / strategy)
         row["heads_per_layer"] = res.report["heads_per_layer"]
         row["neurons_per_layer"] = res.report["neurons_per_layer"]
         source = str(work / strategy)

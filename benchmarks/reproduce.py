@@ -111,6 +111,23 @@ def task_recipe(recipe: dict, task: str) -> dict:
 RECIPE = Recipe()
 
 
+def is_current(result: dict, recipe: Recipe = RECIPE) -> bool:
+    """Whether a stored cell result ran with ``recipe`` as far as its task is concerned (else it is
+    stale: recomputed by a plain rerun, left out of the report)."""
+    return task_recipe(result.get("recipe", {}), result["task"]) == task_recipe(recipe.to_dict(), result["task"])
+
+
+def prune_as_grid(model_path: Path, task: str, strategy: str, budget: float, seed: int, recipe: Recipe, out: Path):
+    """``ppkit.pipeline.prune`` of one grid strategy with the recipe's calibration settings."""
+    from ppkit.pipeline import prune
+
+    name, options, compensate = PRUNE_ARGS[strategy]
+    return prune(str(model_path), task=task, flops=budget, strategy=name, data=GLUE / TASK_DIRS[task],
+                 samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_, seed=seed,
+                 options=options, compensate=compensate, out=out, plot=False, progress=False,
+                 max_length=recipe.max_length[task], overwrite=True)
+
+
 @dataclass(frozen=True)
 class Cell:
     """One grid point. ``seed`` is the pruning seed (calibration sample, random choices)."""
@@ -262,7 +279,7 @@ def run_cell(cell: Cell, *, recipe: Recipe = RECIPE, results_dir: Path = RESULTS
         existing = load_result(results_dir, cell)
         if existing is None or force:
             return None
-        if task_recipe(existing.get("recipe", {}), cell.task) == task_recipe(recipe.to_dict(), cell.task):
+        if is_current(existing, recipe):
             return existing
         log.warning("%s: cached result is from another recipe (stale): recomputing it", cell.id)
         return None
@@ -319,7 +336,6 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
     import torch
 
     from ppkit.finetune import finetune
-    from ppkit.pipeline import prune
 
     torch.set_num_threads(recipe.threads)
     data = GLUE / TASK_DIRS[cell.task]
@@ -339,13 +355,9 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
             out["fidelity"] = {"mean_cosine": 1.0, "p10_cosine": 1.0, "median_cosine": 1.0,
                                "sentences": recipe.fidelity_sentences}
         else:
-            strategy, options, compensate = PRUNE_ARGS[cell.strategy]
             try:
-                res = prune(str(model_path), task=cell.task, flops=cell.budget, strategy=strategy, data=data,
-                            samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_,
-                            seed=cell.seed, options=options, compensate=compensate, out=work / "pruned",
-                            plot=False, progress=False,
-                            max_length=recipe.max_length[cell.task])
+                res = prune_as_grid(model_path, cell.task, cell.strategy, cell.budget, cell.seed, recipe,
+                                    work / "pruned")
             except BudgetError as exc:
                 # e.g. KCM prunes FFN neurons only and cannot reach low budgets: a result, not a crash
                 return _write(results_dir, cell, {**out, "infeasible": str(exc), "prune": None, "fidelity": None,

@@ -293,7 +293,6 @@ def bench(
       ppkit bench minilm-sst2-60 --baseline ../shared/data/models/all-MiniLM-L6-v2 --task sst2 --data ../shared/data/glue/SST-2 --batch-sizes 1,8
     """
     from ppkit.bench import benchmark, render_table
-
     from ppkit.saving import check_output_file
 
     for path, flag in ((json_out, "--json-out"), (plot, "--plot")):

@@ -164,7 +164,10 @@ def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tupl
                      f"dense): {', '.join(sorted(failed))}. Such a plan is a real outcome of pruning with this recipe "
                      f"(see \"Why some fine-tunes do not learn\" below), so the points are counted as measured; the "
                      f"counts are repeated without the points that involve one.")
-    tally = lambda c: f"{c['win']} wins, {c['tie']} ties, {c['loss']} losses"  # noqa: E731
+    def tally(c: Counter) -> str:
+        return ", ".join(f"{c[k]} {word if c[k] == 1 else plural}"
+                         for k, word, plural in (("win", "win", "wins"), ("tie", "tie", "ties"), ("loss", "loss", "losses")))
+
     for base, c in counts.items():
         n = sum(c["all"].values())
         if not n:
@@ -183,8 +186,6 @@ def majority_rate(task: str) -> float | None:
     regression."""
     if task == "stsb":
         return None
-    from collections import Counter
-
     from ppkit.data import load_split
     from reproduce import GLUE, TASK_DIRS
 

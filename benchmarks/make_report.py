@@ -160,10 +160,16 @@ def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tupl
                 c["cells"].append(f"{TASK_NAMES[task]} {budget:g}: {d:+.1f} ({v}){dagger}")
     lines = []
     if failed:
+        per_task = Counter(cell.split("/")[0] for cell in failed)
         lines.append(f"- **†: a fine-tune did not learn the task** (dev score closer to the trivial predictor than to "
-                     f"dense): {', '.join(sorted(failed))}. Such a plan is a real outcome of pruning with this recipe "
-                     f"(see \"Why some fine-tunes do not learn\" below), so the points are counted as measured; the "
-                     f"counts are repeated without the points that involve one.")
+                     f"dense) in {len(failed)} cells ("
+                     + ", ".join(f"{TASK_NAMES[t]} {per_task[t]}" for t in TASKS if per_task[t])
+                     + "). Such a plan is a real outcome of pruning with this recipe (see \"Why some fine-tunes do "
+                     "not learn\" below), so the points are counted as measured; the counts are repeated without the "
+                     "points that involve one.")
+        lines += ["", f"  <details><summary>The {len(failed)} cells marked †</summary>", "",
+                  "  " + ", ".join(sorted(failed)), "", "  </details>", ""]
+
     def tally(c: Counter) -> str:
         return ", ".join(f"{c[k]} {word if c[k] == 1 else plural}"
                          for k, word, plural in (("win", "win", "wins"), ("tie", "tie", "ties"), ("loss", "loss", "losses")))

@@ -116,7 +116,11 @@ def test_report_marks_fine_tunes_that_did_not_learn_and_counts_with_and_without_
     assert counts["random"]["all"] == {"loss": 2} and counts["random"]["learned"] == {"loss": 1}
     assert counts["random"]["cells"] == ["STS-B 0.9: -4.0 (loss)", "STS-B 0.6: -3.0 (loss) †"]
     assert counts["kcm"]["all"] == {"loss": 1} and not counts["kcm"]["learned"]  # Dual-CP 0.6 did not learn
-    assert "stsb/dual-cp/0.6/0" in lines[0] and "without the † points (1 left): **0 wins, 0 ties, 1 losses**" in lines[1]
+    text = "\n".join(lines)
+    assert "in 2 cells (STS-B 2)" in lines[0]
+    assert "stsb/dual-cp/0.6/0, stsb/random/0.6/0" in text  # the full list, folded
+    vs_random = next(line for line in lines if line.startswith("- **vs random**"))
+    assert "**0 wins, 0 ties, 2 losses**; without the † points (1 left): **0 wins, 0 ties, 1 loss**" in vs_random
     assert mr.fmt([rows[1]], failed=failed).endswith("†") and not mr.fmt([rows[3]], failed=failed).endswith("†")
 
 

@@ -171,8 +171,8 @@ def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tupl
                   "  " + ", ".join(sorted(failed)), "", "  </details>", ""]
 
     def tally(c: Counter) -> str:
-        return ", ".join(f"{c[k]} {word if c[k] == 1 else plural}"
-                         for k, word, plural in (("win", "win", "wins"), ("tie", "tie", "ties"), ("loss", "loss", "losses")))
+        return ", ".join(f"{c[k]} {k if c[k] == 1 else plural}"
+                         for k, plural in (("win", "wins"), ("tie", "ties"), ("loss", "losses")))
 
     for base, c in counts.items():
         n = sum(c["all"].values())
@@ -511,13 +511,15 @@ def diagnosis_section(rows: list[dict], path: Path, failed: set[str] = frozenset
                         "a nearly constant prediction (see the plot) within the recipe's few hundred steps.")
         trivial = majority_rate(task) or 0.0
         dense_end = 100 * dense["trace"][-1]["dev"]
-        for r in pruned:
+        # seed-0 grid outcome per plan; plans whose grid cell is missing or infeasible have none
+        learned_in_grid = {s: cells[0]["cell"] not in failed for s, cells in grid_cells.items()
+                           if s != "dense" and cells and score(cells[0]) is not None}
+        plans = [r for r in pruned if r["strategy"] in learned_in_grid]
+        for r in plans:
             cells = grid_cells[r["strategy"]]
-            if not cells or score(cells[0]) is None:
-                continue
             here = 100 * r["trace"][-1]["dev"]
             learned_here = here - trivial > dense_end - here
-            learned_grid = cells[0]["cell"] not in failed
+            learned_grid = learned_in_grid[r["strategy"]]
             if learned_here != learned_grid:
                 name = NAMES[r["strategy"]]
                 out[-1] += (f" {name[0].upper() + name[1:]} {'learned' if learned_here else 'did not learn'} in this run "
@@ -526,10 +528,8 @@ def diagnosis_section(rows: list[dict], path: Path, failed: set[str] = frozenset
                             "short recipe the outcome depends on the run (data order, the Trainer's details), not only "
                             "on the plan.")
         shape = lambda r: (r["heads_per_layer"], r.get("neurons_per_layer"))  # noqa: E731
-        outcome = {r["strategy"]: grid_cells[r["strategy"]][0]["cell"] in failed for r in pruned
-                   if grid_cells[r["strategy"]]}
-        if any(shape(r) == shape(o) and r["strategy"] in outcome and o["strategy"] in outcome
-               and outcome[r["strategy"]] != outcome[o["strategy"]] for r in pruned for o in pruned):
+        if any(shape(r) == shape(o) and learned_in_grid[r["strategy"]] != learned_in_grid[o["strategy"]]
+               for r in plans for o in plans):
             out[-1] += (" Plans with the same heads and neurons per layer can land on either side, so the shape "
                         "alone does not decide it.")
         out[-1] += (" The paper's recipe (the full train set, 3 epochs of batch 32, a 110M model) is much longer "

@@ -140,7 +140,7 @@ def verdict(task: str, rows: list[dict], ours: list[dict], theirs: list[dict]) -
 def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tuple[list[str], dict]:
     """Dual-CP vs each baseline per (task, budget): win / tie / loss counts over every point ("all") and
     over the points where no fine-tune involved is in ``failed`` ("learned", see :func:`failed_cells`)."""
-    counts = {b: {"all": Counter(), "learned": Counter(), "cells": []} for b in ("random", "kcm", "worst")}
+    counts = {b: {"all": Counter(), "learned": Counter(), "cells": [], "grid": {}} for b in ("random", "kcm", "worst")}
     done = lambda key: [r for r in idx.get(key, []) if score(r) is not None]  # noqa: E731
     for task in TASKS:
         for budget in BUDGETS:
@@ -158,7 +158,8 @@ def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tupl
                     c["learned"][verdict(task, rows, ours_ok, theirs_ok)[1]] += 1
                 dagger = " †" if len(ours_ok) < len(ours) or len(theirs_ok) < len(theirs) else ""
                 c["cells"].append(f"{TASK_NAMES[task]} {budget:g}: {d:+.1f} ({v}){dagger}")
-    lines = []
+                c["grid"][(task, budget)] = v[0].upper() + dagger
+    lines = verdict_table(counts)
     if failed:
         per_task = Counter(cell.split("/")[0] for cell in failed)
         lines.append(f"- **†: a fine-tune did not learn the task** (dev score closer to the trivial predictor than to "
@@ -183,7 +184,48 @@ def compare(idx: dict, rows: list[dict], failed: set[str] = frozenset()) -> tupl
             m = sum(c["learned"].values())
             line += f"; without the † points ({m} left): **{tally(c['learned'])}**"
         lines.append(line + f". Δ (Dual-CP − {NAMES[base]}, points): " + "; ".join(c["cells"]) + ".")
-    return lines, counts
+    return lines + weak_tasks(rows), counts
+
+
+def verdict_table(counts: dict) -> list[str]:
+    """Task x budget table of Dual-CP's verdicts (W / T / L) against random, KCM and worst; "–" where the
+    baseline has no result (not run yet, or infeasible), † where a fine-tune involved did not learn."""
+    points = sorted({k for c in counts.values() for k in c["grid"]}, key=lambda k: (TASKS.index(k[0]), -k[1]))
+    if not points:
+        return []
+    tasks = [t for t in TASKS if any(k[0] == t for k in points)]
+    budgets = [b for b in BUDGETS if any(k[1] == b for k in points)]
+    lines = ["Dual-CP against random / KCM / worst at each point: **W** win, **T** tie, **L** loss, – no baseline "
+             "result (not run yet or infeasible); † a fine-tune involved did not learn.", "",
+             "| task | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+             "| --- | " + " | ".join(":---:" for _ in budgets) + " |"]
+    for task in tasks:
+        cells = []
+        for b in budgets:
+            marks = [counts[base]["grid"].get((task, b), "–") for base in ("random", "kcm", "worst")]
+            dagger = " †" if any(m.endswith("†") for m in marks) else ""
+            cells.append(" / ".join(m.rstrip(" †") for m in marks) + dagger
+                         if any(m != "–" for m in marks) else "")
+        lines.append(f"| {TASK_NAMES[task]} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def weak_tasks(rows: list[dict]) -> list[str]:
+    """A sentence per task whose dense fine-tune beats the trivial predictor by less than 1.5 tie bands:
+    on such a task no strategy can be told apart from the others with this recipe."""
+    out = []
+    for task in TASKS:
+        dense = [score(r) for r in rows if r["task"] == task and r["strategy"] == "dense" and score(r) is not None]
+        trivial = majority_rate(task)
+        if not dense or trivial is None:
+            continue
+        d = statistics.fmean(dense)
+        band = tie_band(task, rows, d)
+        if d - trivial < 1.5 * band:
+            out.append(f"- **{TASK_NAMES[task]} barely learns even dense:** the dense fine-tune is {d - trivial:.1f} "
+                       f"points above always predicting the majority class ({d:.1f} vs {trivial:.1f}), against a tie "
+                       f"band of ±{band:.1f}; with this recipe its points cannot tell the strategies apart.")
+    return out
 
 
 @functools.lru_cache(maxsize=None)

@@ -117,11 +117,31 @@ def test_report_marks_fine_tunes_that_did_not_learn_and_counts_with_and_without_
     assert counts["random"]["cells"] == ["STS-B 0.9: -4.0 (loss)", "STS-B 0.6: -3.0 (loss) †"]
     assert counts["kcm"]["all"] == {"loss": 1} and not counts["kcm"]["learned"]  # Dual-CP 0.6 did not learn
     text = "\n".join(lines)
-    assert "in 2 cells (STS-B 2)" in lines[0]
+    assert "in 2 cells (STS-B 2)" in next(line for line in lines if line.startswith("- **†"))
+    # the verdict grid: random / KCM / worst per point, "–" where the baseline has no result
+    assert "| STS-B | L / – / – | L / L / – † |" in lines
     assert "stsb/dual-cp/0.6/0, stsb/random/0.6/0" in text  # the full list, folded
     vs_random = next(line for line in lines if line.startswith("- **vs random**"))
     assert "**0 wins, 0 ties, 2 losses**; without the † points (1 left): **0 wins, 0 ties, 1 loss**" in vs_random
     assert mr.fmt([rows[1]], failed=failed).endswith("†") and not mr.fmt([rows[3]], failed=failed).endswith("†")
+
+
+def test_report_says_when_even_dense_barely_beats_the_majority_class(monkeypatch):
+    """make_report: a task whose dense fine-tune is within 1.5 tie bands of the majority class is named as
+    one whose points cannot tell the strategies apart; a task that learns is not."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    monkeypatch.setattr(mr, "majority_rate", {"rte": 52.7, "sst2": 50.9}.get)
+
+    def dense(task, acc, n):
+        return {"cell": f"{task}/dense/1/0", "task": task, "strategy": "dense", "budget": 1.0, "seed": 0,
+                "finetune": {"best_metric": acc, "metric": "accuracy", "eval_examples": n}}
+
+    lines = mr.weak_tasks([dense("rte", 0.570, 277), dense("sst2", 0.830, 872)])
+    assert len(lines) == 1 and lines[0].startswith("- **RTE barely learns even dense:**")
+    assert "4.3 points above" in lines[0] and "±4.2" in lines[0]  # sqrt(2 * .57 * .43 / 277) = 4.2 points
 
 
 def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_path, minilm_path, monkeypatch):

@@ -613,6 +613,22 @@ def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r, ok in zip(rows, current) if ok], [r for r, ok in zip(rows, current) if not ok]
 
 
+def versions_line(rows: list[dict]) -> str:
+    """'torch 2.13.0+cpu, transformers 5.23.0 (160 cells) / 5.24.0 (8 cells)': each package once, with cell counts
+    only where the cells ran under more than one version."""
+    counts: dict[str, Counter] = {}
+    for r in rows:
+        for name, version in r["versions"].items():
+            counts.setdefault(name, Counter())[version] += 1
+    parts = []
+    for name, by_version in counts.items():
+        if len(by_version) == 1:
+            parts.append(f"{name} {next(iter(by_version))}")
+        else:
+            parts.append(f"{name} " + " / ".join(f"{v} ({n} cell{'s' * (n != 1)})" for v, n in sorted(by_version.items())))
+    return ", ".join(parts)
+
+
 def render(rows: list[dict], lm: dict[str, list[dict]], stale: list[dict] = (), failed: set[str] = frozenset()) -> str:
     """The README section from current ``rows`` (``stale`` ones are only named; ``failed`` cells get †)."""
     idx = index(rows)
@@ -624,7 +640,7 @@ def render(rows: list[dict], lm: dict[str, list[dict]], stale: list[dict] = (), 
     if rows:
         rec = RECIPE.to_dict()
         machines = sorted({f"{r['machine']['cpu']} ({r['machine']['cpus_visible']} cores visible)" for r in rows})
-        vers = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in rows})
+        vers = versions_line(rows)
         threads = sorted({r.get("torch_threads") for r in rows if r.get("torch_threads")})
         loads = [r["loadavg_1m"]["start"] for r in rows]
         wall = sum(r["wall_seconds"] for r in rows)
@@ -641,7 +657,7 @@ def render(rows: list[dict], lm: dict[str, list[dict]], stale: list[dict] = (), 
                f"({', '.join(r['cell'] for r in stale)})." if stale else ""), "",
             f"**Machine:** {'; '.join(machines)}, shared with other jobs (1-min load average at cell start: "
             f"{min(loads):.1f}–{max(loads):.1f}), torch threads per cell: {', '.join(map(str, threads))}. "
-            f"**Versions:** {'; '.join(vers)}.", "",
+            f"**Versions:** {vers}.", "",
             "**Recipe (CPU)** "
             + f"`{rec['name']}`: model all-MiniLM-L6-v2; calibration {rec['calibration_samples']} random train samples "
             f"(labels unused), T = {rec['tokens']} tokens, λ = {rec['lambda_']:g}; fine-tune epochs {by_task(rec['epochs'])} on a "

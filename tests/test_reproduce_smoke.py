@@ -144,6 +144,19 @@ def test_report_says_when_even_dense_barely_beats_the_majority_class(monkeypatch
     assert "4.3 points above" in lines[0] and "±4.2" in lines[0]  # sqrt(2 * .57 * .43 / 277) = 4.2 points
 
 
+def test_report_names_each_package_version_once_and_counts_cells_only_where_they_differ():
+    """make_report: a grid run in pieces across sessions may straddle a package upgrade; the versions line
+    says how many cells ran under each version instead of repeating the whole list per combination."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
+    mr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mr)
+    old = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0"}}
+    new = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}}
+    assert mr.versions_line([old, old]) == "torch 2.13.0+cpu, transformers 5.23.0"
+    assert mr.versions_line([old, new, old]) == "torch 2.13.0+cpu, transformers 5.23.0 (2 cells) / 5.24.0 (1 cell)"
+
+
 def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_path, minilm_path, monkeypatch):
     """benchmarks/diagnose_finetune.py on a tiny SST-2 subset: the plan is pruned as in the grid, the
     frozen probe and the step trace are real metrics, and make_report turns the JSON into a table + plot."""

@@ -73,6 +73,12 @@ def _cache_placeholder(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states.new_ones(batch, 1, seq, 1)
 
 
+def _either(cache, past_key_values):
+    # transformers 5.24 renamed the attention modules' ``past_key_values`` argument to ``cache``;
+    # accept both so the pruned modules work on either side of the rename.
+    return cache if cache is not None else past_key_values
+
+
 def _update_cache(past_key_values, layer_idx: int | None, hidden_states: torch.Tensor) -> int:
     """Advance the cache of an attention layer without heads; return the key length after the update."""
     seq = hidden_states.shape[1]  # no int(): keeps the sequence length dynamic when traced for export
@@ -104,8 +110,8 @@ class EmptyBertSelfAttention(BertSelfAttention):
         self.is_causal = is_causal
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, **kwargs):
-        key_len = _update_cache(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, cache=None, **kwargs):
+        key_len = _update_cache(_either(cache, past_key_values), self.layer_idx, hidden_states)
         batch, seq = hidden_states.shape[0], hidden_states.shape[1]
         context = hidden_states.new_zeros(batch, seq, 0)
         weights = hidden_states.new_zeros(batch, 0, seq, key_len)
@@ -137,10 +143,12 @@ class EmptyGPT2Attention(GPT2Attention):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.is_causal = True
 
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None, **kwargs):
+    def forward(
+        self, hidden_states, past_key_values=None, attention_mask=None, encoder_hidden_states=None, cache=None, **kwargs
+    ):
         if encoder_hidden_states is not None:
             raise ValueError("pruned GPT-2 models do not support cross-attention")
-        key_len = _update_cache(past_key_values, self.layer_idx, hidden_states)
+        key_len = _update_cache(_either(cache, past_key_values), self.layer_idx, hidden_states)
         batch, seq = hidden_states.shape[0], hidden_states.shape[1]
         output = self.resid_dropout(self.c_proj(hidden_states.new_zeros(batch, seq, 0)))
         weights = hidden_states.new_zeros(batch, 0, seq, key_len)

@@ -652,7 +652,9 @@ def render(rows: list[dict], lm: dict[str, list[dict]], stale: list[dict] = (), 
             f"**Status:** {len(rows)} of {len(expected)} GLUE cells done ({len(rows) - len(feasible)} infeasible), "
             f"{wall / 3600:.1f} h of cell wall time; {len(missing)} remain"
             + (f" (e.g. {', '.join(c.id for c in missing[:6])}{', …' if len(missing) > 6 else ''})" if missing else "")
-            + ". Run `python benchmarks/reproduce.py` to fill them in (finished cells are skipped)."
+            + (". Run `python benchmarks/reproduce.py` to fill them in (finished cells are skipped)." if missing else
+               ": the grid is complete. `python benchmarks/reproduce.py` reruns it from the cached cells in seconds; "
+               "`--recompute TASK/STRATEGY/BUDGET/SEED` redoes one cell.")
             + (f" Left out of the tables: {len(stale)} cell(s) from an earlier recipe, recomputed on the next run "
                f"({', '.join(r['cell'] for r in stale)})." if stale else ""), "",
             f"**Machine:** {'; '.join(machines)}, shared with other jobs (1-min load average at cell start: "

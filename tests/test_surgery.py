@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -154,7 +155,9 @@ def test_gpt2_cache_length_with_empty_first_layer():
     with torch.no_grad():
         out = model(ids, use_cache=True)
         assert out.past_key_values.get_seq_length() == 5
-        step = model(torch.tensor([[6]]), past_key_values=out.past_key_values, use_cache=True)
+        # transformers 5.24 renamed the model's `past_key_values` argument to `cache` (the old name warns)
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = model(torch.tensor([[6]]), **{cache_arg: out.past_key_values}, use_cache=True)
         assert out.past_key_values.get_seq_length() == 6
         full = model(torch.tensor([[1, 2, 3, 4, 5, 6]]))
     assert (step.logits[0, -1] - full.logits[0, -1]).abs().max() <= TOL

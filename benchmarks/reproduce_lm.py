@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, help="launch no new cell after this many minutes")
     p.add_argument("--list", action="store_true")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--cache", type=Path, default=CACHE)
+    p.add_argument("--cache", type=Path, default=CACHE,
+                   help="work dir for pruned / fine-tuned models, and where train_small_gpt2.py put its model")
     p.add_argument("--keep-models", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.model is None:
-        model_path, tag = str(model_dir()), "small-gpt2-here"
+        model_path, tag = str(model_dir(args.cache)), "small-gpt2-here"
     else:
         model_path = args.model
         tag = "gpt2" if args.model == "gpt2" else Path(args.model).name
@@ -254,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(f.read_text()) if f.is_file() else None
             print(f"{c.id:20s} {'todo' if r is None else 'infeasible' if r.get('infeasible') else 'done'}")
         return 0
-    if tag == "small-gpt2-here" and not (Path(model_path) / "config.json").is_file():
-        raise SystemExit(f"{model_path} not found: run `nice -n 10 python benchmarks/train_small_gpt2.py` first")
+    to_compute = [c for c in cells if c.id in force or not (args.results / tag / f"{c.slug}.json").is_file()]
+    if to_compute and tag == "small-gpt2-here" and not (Path(model_path) / "config.json").is_file():
+        # Only cells still to compute need the weights: a rerun over cached results works without them.
+        raise SystemExit(f"{model_path} not found ({len(to_compute)} cell(s) to compute, e.g. {to_compute[0].id}): "
+                         "run `nice -n 10 python benchmarks/train_small_gpt2.py` first")
     command = ("python benchmarks/reproduce_lm.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     t0 = time.perf_counter()
     for i, cell in enumerate(cells, 1):

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -188,3 +190,21 @@ def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_pat
     assert table[2].startswith("| dense | all |") and table[3].startswith("| Dual-CP | ")
     assert f"{100 * row['trace'][-1]['dev']:.1f} | — |" in table[3]  # no grid cell for it in this report
     assert (tmp_path / "plots" / "diag.png").stat().st_size > 0
+
+
+def test_lm_grid_rerun_over_cached_results_needs_no_weights(tmp_path):
+    """reproduce_lm: with every requested cell cached, a rerun finishes without the small GPT-2's weights
+    (they live outside the repo and a fresh clone has none); a cell still to compute asks for them."""
+    spec = importlib.util.spec_from_file_location("reproduce_lm_bench", REPO / "benchmarks" / "reproduce_lm.py")
+    lm = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_lm_bench"] = lm  # dataclasses look their module up there
+    spec.loader.exec_module(lm)
+    results = tmp_path / "results"
+    (results / "small-gpt2-here").mkdir(parents=True)
+    cached = REPO / "benchmarks" / "results" / "reproduce_lm" / "small-gpt2-here" / "ptb__dense__1__s0.json"
+    (results / "small-gpt2-here" / cached.name).write_text(cached.read_text(encoding="utf-8"), encoding="utf-8")
+    common = ["--results", str(results), "--cache", str(tmp_path / "no-cache-here")]
+
+    assert lm.main(["--strategies", "dense", *common]) == 0
+    with pytest.raises(SystemExit, match=r"not found \(1 cell\(s\) to compute, e.g. dual-cp/0.6/0\).*train_small_gpt2"):
+        lm.main(["--strategies", "dense,dual-cp", "--budgets", "0.6", *common])

@@ -15,16 +15,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_bench", REPO / "benchmarks" / "reproduce.py")
+def _load_bench(script: str):
+    """Import a script of benchmarks/ as a module (they are scripts, not a package)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))  # for the scripts' own imports of each other
+    name = f"{script}_bench"
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{script}.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_bench"] = mod
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
 
+
 def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
-    rp = _load_reproduce()
+    rp = _load_bench("reproduce")
     recipe = rp.Recipe(name="smoke", calibration_samples=64, train_limit={"sst2": 48}, eval_limit=48,
                        batch_size=16, fidelity_sentences=24)
     cell = rp.Cell.parse("sst2/dual-cp-lstsq/0.6/0")  # Dual-CP + --compensate lstsq: the whole prune path
@@ -100,10 +104,7 @@ def test_cell_end_to_end_and_cache_skip(tmp_path, minilm_path):
 def test_report_marks_fine_tunes_that_did_not_learn_and_counts_with_and_without_them():
     """make_report: a cell whose dev score is closer to the trivial predictor than to dense is marked †;
     the win / tie / loss counts take every point as measured and are repeated without the † points."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
-    mr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mr)
+    mr = _load_bench("make_report")
 
     def row(strategy, budget, spearman):
         return {"cell": f"stsb/{strategy}/{budget:g}/0", "task": "stsb", "strategy": strategy, "budget": budget,
@@ -131,10 +132,7 @@ def test_report_marks_fine_tunes_that_did_not_learn_and_counts_with_and_without_
 def test_report_says_when_even_dense_barely_beats_the_majority_class(monkeypatch):
     """make_report: a task whose dense fine-tune is within 1.5 tie bands of the majority class is named as
     one whose points cannot tell the strategies apart; a task that learns is not."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
-    mr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mr)
+    mr = _load_bench("make_report")
     monkeypatch.setattr(mr, "majority_rate", {"rte": 52.7, "sst2": 50.9}.get)
 
     def dense(task, acc, n):
@@ -149,10 +147,7 @@ def test_report_says_when_even_dense_barely_beats_the_majority_class(monkeypatch
 def test_report_names_each_package_version_once_and_counts_cells_only_where_they_differ():
     """make_report: a grid run in pieces across sessions may straddle a package upgrade; the versions line
     says how many cells ran under each version instead of repeating the whole list per combination."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
-    mr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mr)
+    mr = _load_bench("make_report")
     old = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.23.0"}}
     new = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}}
     assert mr.versions_line([old, old]) == "torch 2.13.0+cpu, transformers 5.23.0"
@@ -162,10 +157,7 @@ def test_report_names_each_package_version_once_and_counts_cells_only_where_they
 def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_path, minilm_path, monkeypatch):
     """benchmarks/diagnose_finetune.py on a tiny SST-2 subset: the plan is pruned as in the grid, the
     frozen probe and the step trace are real metrics, and make_report turns the JSON into a table + plot."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("diagnose_bench", REPO / "benchmarks" / "diagnose_finetune.py")
-    dg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dg)
+    dg = _load_bench("diagnose_finetune")
     recipe = dg.Recipe(name="smoke", calibration_samples=32, train_limit={"sst2": 40}, batch_size=16)
     row = dg.diagnose("sst2", 0.6, "dual-cp", epochs=1, every=2, eval_limit=24, work=tmp_path / "work",
                       recipe=recipe, model_path=Path(minilm_path))
@@ -175,9 +167,7 @@ def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_pat
     assert 0.0 <= row["frozen_probe"]["accuracy"] <= 1.0 and row["frozen_probe"]["ridge"] > 0
     assert sum(row["heads_per_layer"]) < 72  # the pruned plan, not the dense model
 
-    mspec = importlib.util.spec_from_file_location("make_report_bench", REPO / "benchmarks" / "make_report.py")
-    mr = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(mr)
+    mr = _load_bench("make_report")
     dense = {**row, "strategy": "dense", "budget": 1.0, "heads_per_layer": None}
     (tmp_path / "finetune_diagnosis.json").write_text(json.dumps(
         {"task": "sst2", "metric": "accuracy", "budget": 0.6, "epochs": 1, "every": 2, "eval_examples": 24,
@@ -195,10 +185,7 @@ def test_finetune_diagnosis_traces_a_real_plan_and_the_report_renders_it(tmp_pat
 def test_lm_grid_rerun_over_cached_results_needs_no_weights(tmp_path):
     """reproduce_lm: with every requested cell cached, a rerun finishes without the small GPT-2's weights
     (they live outside the repo and a fresh clone has none); a cell still to compute asks for them."""
-    spec = importlib.util.spec_from_file_location("reproduce_lm_bench", REPO / "benchmarks" / "reproduce_lm.py")
-    lm = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_lm_bench"] = lm  # dataclasses look their module up there
-    spec.loader.exec_module(lm)
+    lm = _load_bench("reproduce_lm")
     results = tmp_path / "results"
     (results / "small-gpt2-here").mkdir(parents=True)
     cached = REPO / "benchmarks" / "results" / "reproduce_lm" / "small-gpt2-here" / "ptb__dense__1__s0.json"

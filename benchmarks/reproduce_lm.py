@@ -102,6 +102,11 @@ class LMCell:
         return cls(parts[0], 1.0 if parts[0] == "dense" else float(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
 
 
+def result_path(results_dir: Path, tag: str, cell: LMCell) -> Path:
+    """Where one cell's JSON lives: one folder per model tag."""
+    return results_dir / tag / f"{cell.slug}.json"
+
+
 def lm_grid(budgets=BUDGETS, strategies=STRATEGIES, seeds=(0,)) -> list[LMCell]:
     cells = [LMCell("dense", 1.0, 0)] if "dense" in strategies else []
     for b in [b for b in BUDGET_PRIORITY if b in budgets] + [b for b in budgets if b not in BUDGET_PRIORITY]:
@@ -137,8 +142,7 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
     from ppkit.models import load_model, load_tokenizer
     from ppkit.pipeline import prune
 
-    out_dir = results_dir / tag
-    path = out_dir / f"{cell.slug}.json"
+    path = result_path(results_dir, tag, cell)
     if path.is_file() and not force:
         res = json.loads(path.read_text(encoding="utf-8"))
         if res.get("recipe_key") != recipe.key():
@@ -168,7 +172,7 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
             except BudgetError as exc:  # KCM (FFN only) cannot reach low budgets: recorded, not a crash
                 out.update({"infeasible": str(exc), "prune": None, "ppl_before_ft": None, "ppl_after_ft": None,
                             "finetune": None})
-                return _write(out_dir, path, out, recipe, start, load_before, command, cell), True
+                return _write(path, out, recipe, start, load_before, command, cell), True
             out["prune"] = {k: r.report[k] for k in ("flops_ratio", "mha_flops_ratio", "ffn_flops_ratio",
                                                      "flops_seq_len", "params_before", "params_after",
                                                      "heads_per_layer", "neurons_per_layer", "samples")}
@@ -192,17 +196,17 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
     finally:
         if not keep_models:
             shutil.rmtree(work, ignore_errors=True)
-    return _write(out_dir, path, out, recipe, start, load_before, command, cell), True
+    return _write(path, out, recipe, start, load_before, command, cell), True
 
 
-def _write(out_dir: Path, path: Path, out: dict, recipe: LMRecipe, start: float, load_before, command, cell) -> dict:
+def _write(path: Path, out: dict, recipe: LMRecipe, start: float, load_before, command, cell) -> dict:
     from ppkit.pipeline import versions
 
     out.update({"recipe": asdict(recipe), "recipe_key": recipe.key(), "wall_seconds": time.perf_counter() - start,
                 "loadavg_1m": {"start": load_before[0], "end": os.getloadavg()[0]}, "machine": machine(),
                 "versions": versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": command or f"python benchmarks/reproduce_lm.py --only {cell.id}"})
-    out_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -251,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         force = {LMCell.parse(c).id for c in args.recompute}
     if args.list:
         for c in cells:
-            f = args.results / tag / f"{c.slug}.json"
+            f = result_path(args.results, tag, c)
             r = json.loads(f.read_text()) if f.is_file() else None
             print(f"{c.id:20s} {'todo' if r is None else 'infeasible' if r.get('infeasible') else 'done'}")
         return 0
-    to_compute = [c for c in cells if c.id in force or not (args.results / tag / f"{c.slug}.json").is_file()]
+    to_compute = [c for c in cells if c.id in force or not result_path(args.results, tag, c).is_file()]
     if to_compute and tag == "small-gpt2-here" and not (Path(model_path) / "config.json").is_file():
         # Only cells still to compute need the weights: a rerun over cached results works without them.
         raise SystemExit(f"{model_path} not found ({len(to_compute)} cell(s) to compute, e.g. {to_compute[0].id}): "

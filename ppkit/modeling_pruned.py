@@ -35,6 +35,7 @@ from transformers import (
     GPT2Model,
 )
 from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertSelfAttention
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
@@ -46,6 +47,8 @@ __all__ = [
     "resize_bert_layer",
     "resize_gpt2_block",
     "shrink_to_shape",
+    "mean_pool",
+    "POOLINGS",
     "PPKIT_CLASSES",
     "AUTO_MAP",
 ]
@@ -275,6 +278,10 @@ def _apply_config_shape(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- model classes
+#: what ``config.ppkit_pooling`` may say: BERT's [CLS] pooler, or the masked mean of the token states
+POOLINGS = ("cls", "mean")
+
+
 class PpkitBertModel(BertModel):
     """``BertModel`` with the per-layer sizes of ``config.ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer``."""
 
@@ -283,12 +290,57 @@ class PpkitBertModel(BertModel):
         _apply_config_shape(self)
 
 
+def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the token states over non-padding positions (sentence-transformers' mean pooling)."""
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss ``BertForSequenceClassification`` computes (problem type from the labels, as there)."""
+    num_labels = logits.shape[-1]
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return nn.functional.mse_loss(logits.view(-1), labels.to(logits.dtype).view(-1))
+        return nn.functional.mse_loss(logits, labels.to(logits.dtype))
+    if config.problem_type == "single_label_classification":
+        return nn.functional.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
 class PpkitBertForSequenceClassification(BertForSequenceClassification):
-    """Pruned ``BertForSequenceClassification`` (sizes from the config)."""
+    """Pruned ``BertForSequenceClassification`` (sizes from the config).
+
+    ``config.ppkit_pooling = "mean"`` classifies the mean of the last hidden states over the attention
+    mask (how sentence-transformers checkpoints were trained) instead of BERT's [CLS] pooler; the
+    default ``"cls"`` is the transformers head unchanged.
+    """
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         _apply_config_shape(self)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, **kwargs):
+        if getattr(self.config, "ppkit_pooling", "cls") != "mean":
+            return super().forward(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                   position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        kwargs.pop("return_dict", None)
+        outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        logits = self.classifier(self.dropout(mean_pool(outputs.last_hidden_state, attention_mask)))
+        loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions)
 
 
 class PpkitBertForQuestionAnswering(BertForQuestionAnswering):

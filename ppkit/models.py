@@ -155,6 +155,7 @@ def load_model(
     head: str = "base",
     num_labels: int | None = None,
     allow_pickle: bool = False,
+    pooling: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Load a supported BERT / GPT-2 model (eval mode) from a local directory or a hub name.
@@ -165,10 +166,19 @@ def load_model(
     :func:`ppkit.saving.save_pruned` is loaded with :func:`ppkit.saving.load_pruned`. Raises
     :class:`ModelLoadError` (missing path, not a model directory, offline hub name, pickled weights
     without ``allow_pickle``), :class:`UnsupportedModelError` (other architectures) or
-    :class:`InputError` (unknown head). ``kwargs`` go to ``from_pretrained``.
+    :class:`InputError` (unknown head). ``pooling`` ("cls" or "mean", BERT sequence classification
+    only) loads ppkit's classifier class and sets ``config.ppkit_pooling``. ``kwargs`` go to
+    ``from_pretrained``.
     """
     if head not in HEADS:
         raise InputError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+    if pooling is not None:
+        from .modeling_pruned import POOLINGS
+
+        if pooling not in POOLINGS:
+            raise InputError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if head != "sequence-classification":
+            raise InputError(f"pooling applies to the sequence-classification head, not {head!r}")
     if num_labels is not None:
         if int(num_labels) < 1:
             raise InputError(f"num_labels must be positive, got {num_labels}")
@@ -177,9 +187,13 @@ def load_model(
     if local is not None:
         config = _read_config(local)
         if is_pruned_dir(local):
-            return load_pruned(local, head=head, **kwargs)
+            model = load_pruned(local, head=head, **kwargs)
+            if pooling is not None:
+                _model_class(get_adapter(model).family, head, pooling)  # refuses pooling on GPT-2
+                model.config.ppkit_pooling = pooling
+            return model
         family = _family(config.get("model_type"), str(local))
-        cls = _transformers_class(family, head)
+        cls = _model_class(family, head, pooling)
         _check_weights(local, allow_pickle)
         try:
             with quiet_transformers():
@@ -193,7 +207,7 @@ def load_model(
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(name, local_files_only=local_only)
-            cls = _transformers_class(_family(config.model_type, name), head)
+            cls = _model_class(_family(config.model_type, name), head, pooling)
             with quiet_transformers():
                 return cls.from_pretrained(
                     name, local_files_only=local_only, use_safetensors=None if allow_pickle else True, **kwargs
@@ -201,13 +215,23 @@ def load_model(
 
         model = _from_hub(name, load)
     get_adapter(model)  # e.g. cross-attention configs are refused here
+    if pooling is not None:
+        model.config.ppkit_pooling = pooling
     return model.eval()
 
 
-def _transformers_class(family: str, head: str) -> type:
+def _model_class(family: str, head: str, pooling: str | None) -> type:
+    """The transformers class for ``head``, or ppkit's subclass of it when a pooling is asked for."""
     import transformers
 
-    return getattr(transformers, class_for_head(family, head))
+    from .modeling_pruned import PPKIT_CLASSES
+
+    name = class_for_head(family, head)
+    if pooling is None:
+        return getattr(transformers, name)
+    if family != "bert":
+        raise InputError(f"--pooling is available for BERT classifiers; {family} keeps its own head")
+    return PPKIT_CLASSES[name]
 
 
 def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:

@@ -261,7 +261,8 @@ def prune(
 
     if out_dir is not None:
         with timer.stage("save"), atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            save_pruned(net, tmp, plan=plan, tokenizer=tokenizer)
+            save_pruned(net, tmp, plan=plan, tokenizer=tokenizer,
+                        source=None if isinstance(model, nn.Module) else model)
             if plot:
                 plot_plan(plan, tmp / "plan.png", title=f"{Path(model_name).name} · {spec.name} · {strategy} · {achieved.ratio:.1%} FLOPs")
             report["timings_s"] = {**timer.timings, "total": time.perf_counter() - start}

@@ -23,6 +23,7 @@ from . import modeling_pruned
 from .adapters import get_adapter
 from .errors import ModelLoadError, OutputError, PlanError
 from .plan import PruningPlan
+from .sbert import carry_files
 
 MODELING_FILE = "modeling_ppkit.py"
 PLAN_FILE = "plan.json"
@@ -93,13 +94,15 @@ def save_pruned(
     plan: PruningPlan | None = None,
     tokenizer: Any = None,
     extra_files: dict[str, str] | None = None,
+    source: str | Path | None = None,
 ) -> Path:
     """Write a (pruned) model to ``out_dir`` so that :func:`load_pruned` and remote-code loading rebuild it.
 
     Writes ``config.json`` (with ``ppkit_*`` fields and ``auto_map``), ``model.safetensors`` (never
     pickle), ``modeling_ppkit.py``, ``plan.json`` when ``plan`` is given (it must match the model's
-    current sizes), the tokenizer files when ``tokenizer`` is given, and ``extra_files`` (file name ->
-    text). ``out_dir`` is created if needed and written in place; wrap the call in
+    current sizes), the tokenizer files when ``tokenizer`` is given, ``extra_files`` (file name ->
+    text), and from a local ``source`` directory its sentence-transformers metadata and tokenizer files
+    (:func:`ppkit.sbert.carry_files`). ``out_dir`` is created if needed and written in place; wrap the call in
     :func:`atomic_output_dir` for an all-or-nothing write. Returns ``out_dir``.
     """
     out = Path(out_dir)
@@ -136,6 +139,7 @@ def save_pruned(
             tokenizer.save_pretrained(out)
         for name, text in (extra_files or {}).items():
             (out / name).write_text(text, encoding="utf-8")
+        carry_files(source, out)
     except OSError as exc:
         raise OutputError(f"cannot write the pruned model to {out}: {exc}") from exc
     if not (out / WEIGHTS_FILE).is_file():

@@ -159,11 +159,19 @@ def finetune(
     task: str = typer.Option(..., "--task", "-t", help="Task to fine-tune on (train split) and evaluate on (dev split)."),
     out: Path = typer.Option(..., "--out", "-o", help="Where the best epoch's model and finetune.json go."),
     data: Optional[Path] = typer.Option(None, "--data", help="Local data instead of the hub (GLUE-style folder or file)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the paper's per task, e.g. GLUE 3)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default: the paper's, e.g. 32); split across torchrun processes."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the paper's, e.g. 2e-5 for GLUE)."),
-    warmup_ratio: float = typer.Option(0.0, "--warmup-ratio", help="Share of the steps with a linear learning-rate warm-up, in [0, 1) (then linear decay)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (not applied to biases and LayerNorm)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default GLUE: 3, more on small train sets to reach --min-steps, at most 10; SQuAD / LM: the paper's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default GLUE: 16 below 10,000 train examples, else 32); split across torchrun processes."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default GLUE: by model width, 1e-4 up to hidden 384, 5e-5 up to 512, else 2e-5)."),
+    warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Share of the steps with a linear learning-rate warm-up, in [0, 1) (default GLUE 0.1), then linear decay."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay, not applied to biases and LayerNorm (default GLUE 0.01)."),
+    min_steps: Optional[int] = typer.Option(None, "--min-steps", help="With no --epochs, add epochs until this many optimizer steps (default 1000; 0: off)."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="BERT classifier input: cls ([CLS] pooler) or mean (masked mean of the last layer). Default: what the checkpoint was trained with (sentence-transformers' 1_Pooling), else cls."),
+    head_init: bool = typer.Option(True, "--head-init/--no-head-init", help="Start a fresh head's bias at the label mean (regression) / log class prior."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Fine-tuned dense model directory to distil from (its predictions, optionally its hidden states)."),
+    distill_weight: float = typer.Option(0.5, "--distill-weight", help="With --teacher: weight of the prediction loss; the task loss gets 1 - this."),
+    distill_temperature: float = typer.Option(2.0, "--distill-temperature", help="With --teacher: softmax temperature of the KL divergence."),
+    distill_hidden: float = typer.Option(0.0, "--distill-hidden", help="With --teacher: weight of the layer-to-layer hidden-state MSE (0: off)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (on a shared machine 1 per process is often fastest)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per example (default: the task's)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, head initialisation and subsets."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use a seeded random subset of this many training examples."),
@@ -177,19 +185,26 @@ def finetune(
 
     Runs unchanged on several processes: torchrun --nproc_per_node 2 $(which ppkit) finetune ...
 
-    Example:
+    The defaults learn on a small or pruned model too (see ppkit.recipe); every one can be overridden.
+
+    Examples:
 
       ppkit finetune minilm-sst2-60 --task sst2 --data ../shared/data/glue/SST-2 --epochs 1 --train-limit 2000 --out minilm-sst2-60-ft
+
+      ppkit finetune minilm-stsb-60 --task stsb --data ../shared/data/glue/STS-B --teacher minilm-stsb-dense-ft --out minilm-stsb-60-kd
     """
     import os
 
+    from ppkit.distill import DistillSettings
     from ppkit.finetune import finetune as run_finetune
 
+    distill = DistillSettings(weight=distill_weight, temperature=distill_temperature, hidden_weight=distill_hidden)
     result = run_finetune(
         model, task, out_dir=out, data=data, epochs=epochs, batch_size=batch_size, learning_rate=lr,
         max_length=max_length, seed=seed, train_limit=train_limit, eval_limit=eval_limit,
         progress=not quiet, overwrite=overwrite, allow_pickle=allow_pickle, warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
+        weight_decay=weight_decay, min_steps=min_steps, pooling=pooling, init_head_bias=head_init,
+        threads=threads, teacher=teacher, distill=distill,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -18,10 +18,11 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from ppkit.data import TaskDataset, load_task_dataset, pad_token_id, postprocess
 from ppkit.errors import InputError
 from ppkit.metrics import compute_task_metrics, model_max_positions
 from ppkit.tasks import TaskSpec, get_task
+
+if TYPE_CHECKING:
+    from ppkit.distill import DistillSettings
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +153,9 @@ def evaluate_model(model: nn.Module, dataset: TaskDataset, *, batch_size: int = 
 # ------------------------------------------------------------------------------------------ fine-tuning
 
 
-def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool) -> tuple[nn.Module, Any, Any]:
-    """(model with the task head, tokenizer, plan or None)."""
+def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool,
+          pooling: str | None) -> tuple[nn.Module, Any, Any, bool]:
+    """(model with the task head, tokenizer, plan or None, whether the head is freshly initialised)."""
     head = HEADS[spec.kind]
     num_labels = spec.num_labels if head == "sequence-classification" else None
     plan = None
@@ -162,11 +167,19 @@ def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool)
                              "directory instead and ppkit adds a fresh head")
         if tokenizer is None:
             raise InputError("pass tokenizer=... when giving finetune() a loaded model")
+        if pooling is not None:
+            raise InputError("pooling applies when finetune() loads the model; set config.ppkit_pooling yourself")
+        fresh = False
     else:
         from ppkit.models import load_model, load_tokenizer
+        from ppkit.sbert import checkpoint_pooling
 
         path = Path(str(model_or_dir)).expanduser()
-        model = load_model(str(model_or_dir), head=head, num_labels=num_labels, allow_pickle=allow_pickle)
+        if pooling is None and head == "sequence-classification" and _family_of(path) == "bert":
+            pooling = checkpoint_pooling(path)
+        fresh = not _has_head(path, head)
+        model = load_model(str(model_or_dir), head=head, num_labels=num_labels, allow_pickle=allow_pickle,
+                           pooling=pooling)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(str(model_or_dir))
         if (path / "plan.json").is_file():
             from ppkit.plan import PruningPlan
@@ -177,7 +190,66 @@ def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool)
                          f"{spec.num_labels}")
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id(tokenizer)  # GPT-2 classification needs it to find the last token
-    return model, tokenizer, plan
+    return model, tokenizer, plan, fresh
+
+
+def _source_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a hub name: transformers reads its config
+
+
+def _family_of(path: Path) -> str | None:
+    config = _source_config(path)
+    return config.get("ppkit_family") or config.get("model_type")
+
+
+def _has_head(path: Path, head: str) -> bool:
+    """Whether the checkpoint at ``path`` was saved with ``head`` (then it is trained, not fresh)."""
+    return any(str(a).endswith(_HEAD_SUFFIXES[head]) for a in _source_config(path).get("architectures") or [])
+
+
+@torch.no_grad()
+def init_head(model: nn.Module, train_ds: TaskDataset) -> dict[str, Any] | None:
+    """Start a fresh sequence-classification head where the labels are: its bias at the train labels'
+    mean (regression) or at the log class prior (classification), its weights unchanged (small). A
+    head that starts far from the label mean needs many steps to get there, and in a pruned model
+    those steps can instead collapse the body to a constant output. Returns what was set, or None
+    when the model's head has no bias (GPT-2's ``score``) or the task is not GLUE-style."""
+    kind = train_ds.task.kind
+    head = getattr(model, "classifier", None)
+    if kind not in ("classification", "regression") or not isinstance(head, nn.Linear) or head.bias is None:
+        return None
+    labels = np.asarray([f["labels"] for f in train_ds.features], dtype=np.float64)
+    if kind == "regression":
+        head.bias.fill_(float(labels.mean()))
+        return {"bias": "label mean", "value": float(labels.mean())}
+    counts = np.bincount(labels.astype(np.int64), minlength=head.out_features).astype(np.float64)
+    prior = (counts + 1.0) / (counts.sum() + head.out_features)  # add-one: no class at log(0)
+    head.bias.copy_(torch.as_tensor(np.log(prior), dtype=head.bias.dtype))
+    return {"bias": "log class prior", "value": [float(v) for v in np.log(prior)]}
+
+
+def _check_settings(**values: Any) -> None:
+    """One clear error for a bad fine-tuning setting, before any work (None means: the default)."""
+    checks = {
+        "epochs": (lambda v: _positive_int(v), "a positive integer"),
+        "batch_size": (lambda v: _positive_int(v), "a positive integer"),
+        "threads": (lambda v: _positive_int(v), "a positive integer"),
+        "min_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "zero or a positive integer"),
+        "learning_rate": (lambda v: v > 0, "positive"),
+        "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "weight_decay": (lambda v: v >= 0, "zero or positive"),
+    }
+    for name, value in values.items():
+        ok, what = checks[name]
+        if value is not None and not ok(value):
+            raise InputError(f"{name.replace('_', ' ')} must be {what}, got {value!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_output(out_dir: Path, overwrite: bool) -> None:
@@ -197,7 +269,8 @@ def _callbacks():
     class EpochTimer(TrainerCallback):
         """Training wall time per epoch and the dev metrics of each epoch-end evaluation."""
 
-        def __init__(self) -> None:
+        def __init__(self, report: bool = False) -> None:
+            self.report = report  # one line per epoch on stderr
             self.training = False
             self.t0 = 0.0
             self.train_times: list[float] = []
@@ -219,11 +292,18 @@ def _callbacks():
             if not self.training or metrics is None:
                 return
             clean = _clean_metrics(metrics)
-            self.records.append(EpochRecord(
+            record = EpochRecord(
                 epoch=int(round(state.epoch or len(self.records) + 1)), metrics=clean,
                 train_seconds=self.train_times[-1] if self.train_times else float("nan"),
                 eval_seconds=float(metrics.get("eval_runtime", float("nan"))),
-            ))
+            )
+            self.records.append(record)
+            if self.report and state.is_world_process_zero:
+                train_loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+                dev = ", ".join(f"{k} {v:.4f}" for k, v in clean.items())
+                loss = f"train loss {train_loss:.4f} · " if train_loss is not None else ""
+                print(f"epoch {record.epoch}/{int(args.num_train_epochs)} · step {state.global_step}/{state.max_steps} "
+                      f"· {loss}dev {dev} · {record.train_seconds:.0f} s", file=sys.stderr, flush=True)
 
     class QuietProgress(ProgressCallback):
         """tqdm bars on stderr, without the dict dumps ProgressCallback writes to stdout."""
@@ -260,20 +340,31 @@ def finetune(
     progress: bool = True,
     tokenizer: Any = None,
     overwrite: bool = False,
-    weight_decay: float = 0.0,
-    warmup_ratio: float = 0.0,
+    weight_decay: float | None = None,
+    warmup_ratio: float | None = None,
     eval_before: bool = False,
     allow_pickle: bool = False,
     checkpoint_dir: str | Path | None = None,
+    pooling: str | None = None,
+    init_head_bias: bool = True,
+    min_steps: int | None = None,
+    threads: int | None = None,
+    teacher: str | Path | nn.Module | None = None,
+    distill: DistillSettings | None = None,
 ) -> FinetuneResult:
     """Fine-tune a pre-trained or pruned model on ``task`` and write the best epoch's model to ``out_dir``.
 
     ``model_or_dir`` is a model directory or hub name (loaded with the task head — a fresh one on a
     base checkpoint; a ppkit-pruned directory keeps its pruned sizes and its ``plan.json``) or a loaded
-    model that already has the head (then pass ``tokenizer``). Defaults are the paper's per task:
-    GLUE 3 epochs, batch 32, lr 2e-5, max length 128 (SST-2 64); SQuAD batch 12, length 384; GPT-2
-    LM per corpus (WikiText-2 10 epochs lr 1e-4, WikiText-103 8 / 5e-4, PTB 20 / 1e-4, batch 32,
-    512-token blocks). ``batch_size`` is global (divided by the number of torchrun processes).
+    model that already has the head (then pass ``tokenizer``). Settings left as None come from
+    :func:`ppkit.recipe.default_recipe`: for GLUE-style tasks a learning rate by model width, at least
+    ``min_steps`` steps, warm-up 10%, weight decay 0.01; for SQuAD and LM the paper's (SQuAD batch 12,
+    length 384; GPT-2 LM per corpus). A fresh head starts at the train labels' mean (regression) or
+    log class prior (classification) unless ``init_head_bias=False``; ``pooling`` ("cls" / "mean",
+    BERT classifiers) defaults to what the checkpoint was trained with. ``threads`` sets torch's
+    intra-op threads. ``teacher`` (a fine-tuned dense model directory or model) turns on distillation
+    with ``distill`` (:class:`ppkit.distill.DistillSettings`). ``batch_size`` is global (divided by
+    the number of torchrun processes).
     ``train_limit`` / ``eval_limit`` keep a seeded random subset of the train split / the first N dev
     examples for quick runs. The dev split is evaluated after every epoch and the best epoch by the
     task metric (loss for LM) is kept. Rank 0 writes ``out_dir`` atomically (model, tokenizer,
@@ -283,36 +374,28 @@ def finetune(
 
     from ppkit.saving import atomic_output_dir, save_pruned
 
+    from ppkit.distill import DistillSettings, distillation_trainer, load_teacher
+    from ppkit.recipe import default_recipe
+
     spec = get_task(task)
-    epochs = spec.epochs if epochs is None else epochs
-    batch_size = spec.batch_size if batch_size is None else batch_size
-    learning_rate = spec.learning_rate if learning_rate is None else learning_rate
-    for name, value in (("epochs", epochs), ("batch size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if not learning_rate > 0:
-        raise InputError(f"learning rate must be positive, got {learning_rate!r}")
-    if not 0 <= warmup_ratio < 1:
-        raise InputError(f"warmup ratio must be in [0, 1), got {warmup_ratio!r}")
-    if not weight_decay >= 0:
-        raise InputError(f"weight decay must be zero or positive, got {weight_decay!r}")
+    _check_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
+                    weight_decay=weight_decay, min_steps=min_steps, threads=threads)
     out = Path(out_dir).absolute()
     _check_output(out, overwrite)
     ckpt = Path(checkpoint_dir).absolute() if checkpoint_dir else out.parent / f".{out.name}.ppkit-checkpoints"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_device = max(1, batch_size // world)
-    if per_device * world != batch_size:
-        logger.warning("batch size %d is not divisible by %d processes: using %d per process (global %d)",
-                       batch_size, world, per_device, per_device * world)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     start = time.perf_counter()
     set_seed(seed)  # the fresh task head is initialised from this seed
-    model, tokenizer, plan = _load(model_or_dir, spec, tokenizer, allow_pickle)
+    model, tokenizer, plan, fresh_head = _load(model_or_dir, spec, tokenizer, allow_pickle, pooling)
     max_pos = model_max_positions(model)
+    teacher_model = load_teacher(teacher, model, spec, allow_pickle) if teacher is not None else None
 
     metric_key = "loss" if spec.kind == "lm" else spec.main_metric
-    args = _training_args(TrainingArguments, ckpt, epochs, per_device, learning_rate, weight_decay,
-                          warmup_ratio, seed, metric_key, spec, progress)
+    # placeholders until the train set's size is known (the recipe depends on it)
+    args = _training_args(TrainingArguments, ckpt, 1, 1, 1e-5, 0.0, 0.0, seed, metric_key, spec, progress)
     if args.process_index == 0 and ckpt.exists():
         shutil.rmtree(ckpt, ignore_errors=True)
     _barrier()
@@ -323,11 +406,25 @@ def finetune(
         eval_ds = load_task_dataset(spec, tokenizer, "dev", data=data, max_length=max_length, limit=eval_limit,
                                     max_positions=max_pos)
 
+    recipe = default_recipe(spec, model.config.hidden_size, len(train_ds), epochs=epochs, batch_size=batch_size,
+                            learning_rate=learning_rate, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
+                            min_steps=min_steps)
+    per_device = max(1, recipe.batch_size // world)
+    if per_device * world != recipe.batch_size:
+        logger.warning("batch size %d is not divisible by %d processes: using %d per process (global %d)",
+                       recipe.batch_size, world, per_device, per_device * world)
+    args = _training_args(TrainingArguments, ckpt, recipe.epochs, per_device, recipe.learning_rate,
+                          recipe.weight_decay, recipe.warmup_ratio, seed, metric_key, spec, progress)
+    head_init = init_head(model, train_ds) if fresh_head and init_head_bias else None
+
     EpochTimer, QuietProgress = _callbacks()
-    timer = EpochTimer()
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=train_ds.collator(tokenizer), compute_metrics=_metrics_fn(spec, eval_ds),
-                      callbacks=[timer])
+    timer = EpochTimer(report=progress)
+    trainer_cls = Trainer
+    if teacher_model is not None:
+        trainer_cls = distillation_trainer(Trainer, teacher_model, distill or DistillSettings(), spec.kind)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=train_ds.collator(tokenizer), compute_metrics=_metrics_fn(spec, eval_ds),
+                          callbacks=[timer])
     # transformers 5 passes num_items_in_batch counted over *unshifted* labels when it cannot tell the
     # loss shifts them (GPT-2 configs have loss_type=None), which scales causal-LM losses by (n-1)/n;
     # the model's own mean over its valid (shifted) targets is the right per-token loss.
@@ -362,9 +459,14 @@ def finetune(
     total = time.perf_counter() - start
     settings = {
         "model": str(model_or_dir) if not isinstance(model_or_dir, nn.Module) else type(model_or_dir).__name__,
-        "task": spec.name, "data": train_ds.source, "eval_data": eval_ds.source, "epochs": epochs,
+        "task": spec.name, "data": train_ds.source, "eval_data": eval_ds.source, "epochs": recipe.epochs,
         "batch_size": per_device * world, "per_device_batch_size": per_device, "world_size": world,
-        "learning_rate": learning_rate, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
+        "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
+        "warmup_ratio": recipe.warmup_ratio, "recipe": recipe.name, "head_init": head_init,
+        "pooling": getattr(model.config, "ppkit_pooling", None), "threads": torch.get_num_threads(),
+        "teacher": None if teacher is None else (str(teacher) if not isinstance(teacher, nn.Module)
+                                                 else type(teacher).__name__),
+        "distill": None if teacher is None else (distill or DistillSettings()).to_dict(),
         "max_length": train_ds.max_length, "seed": seed, "train_examples": train_ds.num_examples,
         "train_features": len(train_ds), "eval_examples": eval_ds.num_examples, "device": str(args.device),
         "pruned": not shape.is_dense, "heads_per_layer": list(shape.heads_per_layer),
@@ -380,7 +482,8 @@ def finetune(
     if args.process_index == 0:
         text = json.dumps(result.to_dict(), indent=2, sort_keys=True, default=float) + "\n"
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            save_pruned(best_model, tmp, plan=plan, tokenizer=tokenizer, extra_files={"finetune.json": text})
+            save_pruned(best_model, tmp, plan=plan, tokenizer=tokenizer, extra_files={"finetune.json": text},
+                        source=None if isinstance(model_or_dir, nn.Module) else model_or_dir)
         if checkpoint_dir is None:
             shutil.rmtree(ckpt, ignore_errors=True)
     _barrier()

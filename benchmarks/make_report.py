@@ -23,8 +23,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import (ABLATION_BUDGET, BUDGETS, LSTSQ_BUDGETS, RANDOM_SEEDS, RECIPE, TASKS, grid,  # noqa: E402
-                       is_current)
+from reproduce import ABLATION_BUDGET, BUDGETS, LSTSQ_BUDGETS, RANDOM_SEEDS, TASKS, grid  # noqa: E402
+from reproduce import RECIPE_V1 as RECIPE  # noqa: E402  (this report renders the cpu-v1 grid)
+from reproduce import is_current as _is_current  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -609,7 +610,7 @@ def plot_diagnosis(d: dict, path: Path, main_metric: str, per_epoch: int) -> Non
 def split_stale(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """(current, stale): a cell is stale when the part of the current ``RECIPE`` that concerns its task
     has changed since it ran; ``reproduce.py`` recomputes it, and the tables leave it out."""
-    current = [is_current(r) for r in rows]
+    current = [_is_current(r, RECIPE) for r in rows]
     return [r for r, ok in zip(rows, current) if ok], [r for r, ok in zip(rows, current) if not ok]
 
 

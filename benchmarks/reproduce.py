@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PPKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"
 GLUE = SHARED / "glue"
-RESULTS = REPO / "benchmarks" / "results" / "reproduce"
+RESULTS_BY_RECIPE = {"cpu-v1": REPO / "benchmarks" / "results" / "reproduce",
+                     "cpu-v2": REPO / "benchmarks" / "results" / "reproduce-v2"}
 CACHE = Path(os.environ.get("PPKIT_BENCH_CACHE", Path.home() / ".cache" / "ppkit-bench"))
 
 TASK_DIRS = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
@@ -59,23 +60,30 @@ BUDGET_PRIORITY = (0.6, 0.3, 0.9, 0.5, 0.7, 0.4)
 STRATEGIES = ("dual-cp", "random", "kcm", "worst")
 ABLATION_BUDGET = 0.6
 RANDOM_SEEDS = (0, 1, 2)
-# grid strategy -> (ppkit strategy, strategy options, --compensate)
+# grid strategy -> (ppkit strategy, strategy options, --compensate); a "-kd" suffix adds --teacher (the
+# dense model fine-tuned by the same recipe, fine-tune seed 0)
 PRUNE_ARGS = {"dual-cp": ("dual-cp", {}, "none"), "dual-cp-mc": ("dual-cp", {"selection": "random"}, "none"),
               "random": ("random", {}, "none"), "kcm": ("kcm", {}, "none"), "worst": ("worst", {}, "none"),
-              "dual-cp-lstsq": ("dual-cp", {}, "lstsq"), "random-lstsq": ("random", {}, "lstsq")}
+              "dual-cp-lstsq": ("dual-cp", {}, "lstsq"), "random-lstsq": ("random", {}, "lstsq"),
+              "dual-cp-kd": ("dual-cp", {}, "none"), "dual-cp-lstsq-kd": ("dual-cp", {}, "lstsq"),
+              "random-lstsq-kd": ("random", {}, "lstsq")}
 # Issue 9: whether retraining-free compensation still matters after fine-tuning, at these budgets.
 LSTSQ_BUDGETS = (0.6, 0.4)
-ALL_STRATEGIES = ("dense", "dual-cp", "dual-cp-mc", "random", "kcm", "worst", "dual-cp-lstsq", "random-lstsq")
+V1_STRATEGIES = ("dense", "dual-cp", "dual-cp-mc", "random", "kcm", "worst", "dual-cp-lstsq", "random-lstsq")
+ALL_STRATEGIES = V1_STRATEGIES + ("dual-cp-kd", "dual-cp-lstsq-kd", "random-lstsq-kd")
 LABELS = {"dense": "dense (no pruning)", "dual-cp": "Dual-CP (ours / +CS)", "dual-cp-mc": "+MC (clusters, random member)",
           "random": "random", "kcm": "KCM", "worst": "worst",
-          "dual-cp-lstsq": "Dual-CP + --compensate lstsq", "random-lstsq": "random + --compensate lstsq"}
+          "dual-cp-lstsq": "Dual-CP + --compensate lstsq", "random-lstsq": "random + --compensate lstsq",
+          "dual-cp-kd": "Dual-CP + --teacher", "dual-cp-lstsq-kd": "Dual-CP + lstsq + --teacher",
+          "random-lstsq-kd": "random + lstsq + --teacher"}
 
 log = logging.getLogger("reproduce")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The CPU recipe. Every field is recorded in each cell's JSON; cells from another recipe are stale."""
+    """A CPU recipe. Every field is recorded in each cell's JSON; cells from another recipe are stale.
+    ``None`` fine-tuning settings mean ppkit's defaults (``ppkit.recipe``), recorded in ``finetune_defaults``."""
 
     name: str = "cpu-v1"
     calibration_samples: int = 1000      # paper: 3000
@@ -94,9 +102,13 @@ class Recipe:
     finetune_seed: int = 0               # the same for every cell: differences come from the plan
     fidelity_sentences: int = 500
     threads: int = 1
+    finetune_defaults: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["finetune_defaults"] is None:
+            del d["finetune_defaults"]  # v1 cells were recorded without it
+        return d
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
@@ -105,10 +117,31 @@ class Recipe:
 def task_recipe(recipe: dict, task: str) -> dict:
     """The part of a recipe (as recorded in a result) that decides ``task``'s numbers: the per-task
     dicts reduced to that task, so changing one task's subset leaves the other tasks' cells valid."""
-    return {k: (v.get(task) if isinstance(v, dict) else v) for k, v in recipe.items() if k != "name"}
+    return {k: (v.get(task) if isinstance(v, dict) and task in v else v) for k, v in recipe.items() if k != "name"}
 
 
-RECIPE = Recipe()
+def _library_defaults() -> dict:
+    from ppkit import recipe
+
+    return {"learning_rates": [list(x) for x in recipe.LEARNING_RATES], "min_steps": recipe.MIN_STEPS,
+            "max_epochs": recipe.MAX_EPOCHS, "large_train_set": recipe.LARGE_TRAIN_SET,
+            "warmup_ratio": recipe.WARMUP_RATIO, "weight_decay": recipe.WEIGHT_DECAY,
+            "head_init": True, "pooling": "checkpoint"}
+
+
+RECIPE_V1 = Recipe()
+# v2: full train sets (SST-2: 20,000 rows), the paper's 3000 calibration samples, and ppkit finetune's
+# defaults (the recipe that learns: lr by width, >= 1000 steps, warm-up, head bias init, mean pooling).
+RECIPE_V2 = Recipe(
+    name="cpu-v2", calibration_samples=3000,
+    train_limit={"sst2": 20000, "mrpc": None, "stsb": None, "rte": None},
+    epochs={"sst2": None, "mrpc": None, "stsb": None, "rte": None},
+    batch_size=None, learning_rate=None, warmup_ratio=None, weight_decay=None,
+    finetune_defaults=_library_defaults(),
+)
+RECIPES = {r.name: r for r in (RECIPE_V1, RECIPE_V2)}
+RECIPE = RECIPE_V2
+RESULTS = RESULTS_BY_RECIPE[RECIPE.name]
 
 
 def is_current(result: dict, recipe: Recipe = RECIPE) -> bool:
@@ -130,35 +163,46 @@ def prune_as_grid(model_path: Path, task: str, strategy: str, budget: float, see
 
 @dataclass(frozen=True)
 class Cell:
-    """One grid point. ``seed`` is the pruning seed (calibration sample, random choices)."""
+    """One grid point. ``seed`` is the pruning seed (calibration sample, random choices), ``ft_seed``
+    the fine-tuning seed (head initialisation, data order; shown as ``/ftN`` when not 0)."""
 
     task: str
     strategy: str
     budget: float
     seed: int = 0
+    ft_seed: int = 0
 
     @property
     def id(self) -> str:
-        return f"{self.task}/{self.strategy}/{self.budget:g}/{self.seed}"
+        return f"{self.task}/{self.strategy}/{self.budget:g}/{self.seed}" + (f"/ft{self.ft_seed}" if self.ft_seed else "")
 
     @property
     def slug(self) -> str:
-        return f"{self.task}__{self.strategy}__{self.budget:g}__s{self.seed}"
+        return f"{self.task}__{self.strategy}__{self.budget:g}__s{self.seed}" + (f"__ft{self.ft_seed}" if self.ft_seed else "")
+
+    @property
+    def teacher(self) -> bool:
+        """Whether the fine-tune distils the dense fine-tuned model of the task."""
+        return self.strategy.endswith("-kd")
 
     @classmethod
     def parse(cls, text: str) -> "Cell":
         parts = text.strip().strip("/").split("/")
+        ft_seed = 0
+        if len(parts) == 5 and parts[4].startswith("ft"):
+            ft_seed = int(parts.pop()[2:])
         if len(parts) not in (3, 4):
-            raise SystemExit(f"cell {text!r}: expected TASK/STRATEGY/BUDGET[/SEED], e.g. sst2/dual-cp/0.6/0")
+            raise SystemExit(f"cell {text!r}: expected TASK/STRATEGY/BUDGET[/SEED[/ftN]], e.g. sst2/dual-cp/0.6/0")
         task, strategy, budget = parts[0].lower(), parts[1].lower(), float(parts[2])
         if task not in TASK_DIRS:
             raise SystemExit(f"cell {text!r}: task must be one of {', '.join(TASKS)}")
         if strategy not in ALL_STRATEGIES:
             raise SystemExit(f"cell {text!r}: strategy must be one of {', '.join(ALL_STRATEGIES)}")
-        return cls(task, strategy, 1.0 if strategy == "dense" else budget, int(parts[3]) if len(parts) == 4 else 0)
+        return cls(task, strategy, 1.0 if strategy == "dense" else budget, int(parts[3]) if len(parts) == 4 else 0,
+                   ft_seed)
 
 
-def grid(tasks=TASKS, budgets=BUDGETS, strategies=ALL_STRATEGIES, seeds=RANDOM_SEEDS) -> list[Cell]:
+def grid(tasks=TASKS, budgets=BUDGETS, strategies=V1_STRATEGIES, seeds=RANDOM_SEEDS) -> list[Cell]:
     """All cells in run-priority order: dense and the Table-2 ablation first, then the FLOPs sweep by
     budget priority (tasks interleaved), then the extra random seeds."""
     cells: list[Cell] = []
@@ -186,6 +230,31 @@ def grid(tasks=TASKS, budgets=BUDGETS, strategies=ALL_STRATEGIES, seeds=RANDOM_S
             for t in tasks:
                 cells.append(Cell(t, "random", b, seed))
     return cells
+
+
+V2_BUDGETS = (0.7, 0.6, 0.5, 0.4, 0.3)
+V2_TASKS = ("mrpc", "stsb", "rte", "sst2")  # the three that did not learn under cpu-v1 first
+
+
+def grid_v2(tasks=V2_TASKS, budgets=V2_BUDGETS, strategies=ALL_STRATEGIES) -> list[Cell]:
+    """The cpu-v2 grid in run order (issues 17 and 20): the dense teachers; the four strategies at 0.6
+    and 0.4; Dual-CP with --teacher and the lstsq + teacher pairs there; more fine-tune seeds where
+    the comparison is made (Dual-CP / random at 0.6 and 0.4: 3; with the teacher: 2); then the other
+    budgets and the +MC ablation. Pruning seed 0 throughout."""
+    key_budgets = [b for b in (0.6, 0.4) if b in budgets]
+    cells: list[Cell] = [Cell(t, "dense", 1.0) for t in tasks]
+    cells += [Cell(t, s, b) for b in key_budgets for t in tasks for s in ("dual-cp", "random", "kcm", "worst")]
+    cells += [Cell(t, "dual-cp-kd", 0.6) for t in tasks if 0.6 in budgets]
+    cells += [Cell(t, s, b) for b in key_budgets for t in tasks for s in ("dual-cp-lstsq-kd", "random-lstsq-kd")]
+    cells += [Cell(t, s, 0.6, 0, 1) for t in tasks if 0.6 in budgets for s in ("dual-cp", "dual-cp-kd")]
+    cells += [Cell(t, s, b, 0, ft) for ft in (1, 2) for b in key_budgets for t in tasks for s in ("dual-cp", "random")]
+    cells += [Cell(t, s, b, 0, 1) for b in key_budgets for t in tasks for s in ("dual-cp-lstsq-kd", "random-lstsq-kd")]
+    cells += [Cell(t, "dual-cp-lstsq", 0.6) for t in tasks if 0.6 in budgets]
+    cells += [Cell(t, s, b) for b in budgets if b not in key_budgets for t in tasks
+              for s in ("dual-cp", "random", "kcm", "worst")]
+    cells += [Cell(t, "dual-cp-mc", 0.6) for t in tasks if 0.6 in budgets]
+    seen: set[Cell] = set()
+    return [c for c in cells if c.strategy in strategies and not (c in seen or seen.add(c))]
 
 
 # ------------------------------------------------------------------------------------------- one cell
@@ -346,6 +415,13 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
     start = time.perf_counter()
     out: dict[str, Any] = {"cell": cell.id, "task": cell.task, "strategy": cell.strategy, "budget": cell.budget,
                            "seed": cell.seed, "label": LABELS[cell.strategy]}
+    if cell.ft_seed:
+        out["ft_seed"] = cell.ft_seed
+    teacher = None
+    if cell.teacher:
+        teacher = teacher_dir(cell.task, recipe, cache_dir)
+        if not teacher.is_dir():
+            _run_cell(Cell(cell.task, "dense", 1.0), recipe, results_dir, cache_dir, model_path, False, command)
     try:
         from ppkit.errors import BudgetError
 
@@ -375,10 +451,10 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
         cpu0 = time.process_time()  # CPU time is less sensitive than wall time to other jobs on a shared machine
         ft = finetune(ft_source, cell.task, out_dir=work / "finetuned", data=data, epochs=recipe.epochs[cell.task],
                       batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-                      max_length=recipe.max_length[cell.task], seed=recipe.finetune_seed,
+                      max_length=recipe.max_length[cell.task], seed=recipe.finetune_seed + cell.ft_seed,
                       train_limit=recipe.train_limit[cell.task], eval_limit=recipe.eval_limit, progress=False,
                       weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup_ratio,
-                      checkpoint_dir=work / "checkpoints")
+                      checkpoint_dir=work / "checkpoints", teacher=teacher)
         out["finetune"] = {
             "metric": ft.metric, "best_metric": ft.best_metric, "best_epoch": ft.best_epoch,
             "dev_metrics": ft.best_metrics,
@@ -389,11 +465,24 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
             "epochs": [{"epoch": e.epoch, "metrics": e.metrics, "train_seconds": e.train_seconds} for e in ft.epochs],
             "train_examples": ft.settings["train_examples"], "eval_examples": ft.settings["eval_examples"],
             "params": sum(p.numel() for p in ft.model.parameters()),
+            "settings": {k: ft.settings.get(k) for k in ("recipe", "epochs", "batch_size", "learning_rate",
+                                                          "warmup_ratio", "weight_decay", "head_init", "pooling",
+                                                          "distill", "seed")},
         }
+        if cell.strategy == "dense" and cell.ft_seed == 0 and recipe.finetune_defaults is not None:
+            keep = teacher_dir(cell.task, recipe, cache_dir)  # the teacher of this task's "-kd" cells
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(work / "finetuned", keep)
     finally:
         if not keep_models:
             shutil.rmtree(work, ignore_errors=True)
     return _write(results_dir, cell, out, recipe, start, load_before, model_path, command), True
+
+
+def teacher_dir(task: str, recipe: Recipe, cache_dir: Path) -> Path:
+    """Where the dense fine-tuned model of ``task`` (the "-kd" cells' teacher) is kept."""
+    return cache_dir / "reproduce" / f"teacher-{task}-{recipe.key()}"
 
 
 def _write(results_dir: Path, cell: Cell, out: dict, recipe: Recipe, start: float, load_before, model_path: Path,
@@ -437,8 +526,11 @@ def _clock(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Reproduce the paper's Fig. 5 / Table 2 comparison on MiniLM + GLUE "
                                             "(resumable; one JSON per cell).")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=RECIPE.name,
+                   help="cpu-v2 (default): full train sets, ppkit finetune's defaults; cpu-v1: the first grid (history)")
     p.add_argument("--tasks", help=f"comma list of {','.join(TASKS)}")
-    p.add_argument("--budgets", help="comma list of FLOPs ratios to keep (default 0.9,0.7,0.6,0.5,0.4,0.3)")
+    p.add_argument("--budgets", help="comma list of FLOPs ratios to keep (default cpu-v2 0.7,0.6,0.5,0.4,0.3; "
+                                     "cpu-v1 0.9,0.7,0.6,0.5,0.4,0.3)")
     p.add_argument("--strategies", help=f"comma list of {','.join(ALL_STRATEGIES)}")
     p.add_argument("--seeds", help="random-strategy seeds (default 0,1,2)")
     p.add_argument("--only", action="append", default=[], metavar="CELL",
@@ -449,10 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, help="launch no new cell after this many minutes")
     p.add_argument("--stop-at", type=_clock, help="launch no new cell after this local time (HH:MM)")
     p.add_argument("--list", action="store_true", help="print the grid with done / todo and exit")
-    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--results", type=Path, help="results folder (default: the recipe's under benchmarks/results)")
     p.add_argument("--cache", type=Path, default=CACHE)
     p.add_argument("--keep-models", action="store_true", help="keep pruned / fine-tuned weights in the cache")
     args = p.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    args.results = args.results or RESULTS_BY_RECIPE[recipe.name]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("ppkit", "transformers", "ppkit.finetune"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -460,9 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         cells = [Cell.parse(c) for c in args.only]
         force = {c.id for c in cells}
-    else:
+    elif recipe is RECIPE_V1:
         cells = grid(tasks=_csv(args.tasks) or TASKS, budgets=_csv(args.budgets, float) or BUDGETS,
-                     strategies=_csv(args.strategies) or ALL_STRATEGIES, seeds=_csv(args.seeds, int) or RANDOM_SEEDS)
+                     strategies=_csv(args.strategies) or V1_STRATEGIES, seeds=_csv(args.seeds, int) or RANDOM_SEEDS)
+    else:
+        cells = grid_v2(tasks=_csv(args.tasks) or V2_TASKS, budgets=_csv(args.budgets, float) or V2_BUDGETS,
+                        strategies=_csv(args.strategies) or ALL_STRATEGIES)
+    if not args.only:
         force = {Cell.parse(c).id for c in args.recompute}
         cells += [Cell.parse(c) for c in args.recompute if Cell.parse(c) not in cells]
     if args.list:
@@ -470,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             r = load_result(args.results, c)
             status = ("todo" if r is None else "infeasible" if r.get("finetune") is None
                       else f"done {r['finetune']['metric']}={r['finetune']['best_metric']:.4f}")
-            print(f"{c.id:28s} {status}")
+            print(f"{c.id:32s} {status}")
+        print(f"{sum(load_result(args.results, c) is None for c in cells)} of {len(cells)} cells to compute")
         return 0
 
     command = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -483,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             break
         if args.max_cells is not None and done >= args.max_cells:
             break
-        res, computed = run_cell(cell, results_dir=args.results, cache_dir=args.cache, force=cell.id in force,
+        res, computed = run_cell(cell, recipe=recipe, results_dir=args.results, cache_dir=args.cache,
+                                 force=cell.id in force,
                                  keep_models=args.keep_models, command=command.strip())
         done += computed
         if res is None:

@@ -243,6 +243,7 @@ def export(
     atol: float = typer.Option(1e-4, "--atol", help="Largest allowed |onnxruntime - torch| on the check inputs."),
     check: bool = typer.Option(True, "--check/--no-check", help="Validate with onnx.checker and compare onnxruntime with torch on two input sizes."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing ONNX file (atomically, after the check passes)."),
 ) -> None:
     """Export a model to ONNX with dynamic batch/sequence axes, then check it against torch in onnxruntime.
 
@@ -262,7 +263,7 @@ def export(
     low, high = _opset_range()
     if not low <= opset <= high:
         raise InputError(f"--opset must be between {low} and {high} (the opsets torch's ONNX exporter supports), got {opset}")
-    report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check)
+    report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check, overwrite=overwrite)
     diff = "not checked" if report.max_abs_diff is None else f"{report.max_abs_diff:.2e}"
     stderr.print(f"[green]exported[/] {report.path} · opset {report.opset} · head {report.head} · "
                  f"max |ORT - torch| {diff} on shapes {report.checked_shapes} · {report.seconds:.1f}s")

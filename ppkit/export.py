@@ -248,7 +248,7 @@ def export_onnx(
     atol: float = 1e-4,
     exporter: str = "torchscript",
     attn_implementation: str | None = "eager",
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
 
@@ -288,7 +288,7 @@ def export_onnx(
     if target.is_dir():
         target = target / "model.onnx"
     if target.exists() and not overwrite:
-        raise OutputError(f"{target} exists already; pass overwrite=True to replace it")
+        raise OutputError(f"{target} exists already; choose another --out or pass --overwrite (overwrite=True)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

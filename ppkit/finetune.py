@@ -502,6 +502,9 @@ def _training_args(TrainingArguments, ckpt: Path, epochs: int, per_device: int, 
         report_to="none", disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
         label_names=["start_positions", "end_positions"] if spec.kind == "qa" else ["labels"],
     )
+    if spec.kind in ("classification", "regression"):
+        # batches of similar lengths: far less padding on sentence(-pair) tasks, the same examples per epoch
+        kwargs["train_sampling_strategy"] = "group_by_length"
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -52,8 +52,14 @@ def summary_table(report: dict[str, Any]):  # -> rich.table.Table
     table.add_row("FLOPs", f"{report['flops_ratio']:.1%} kept", f"budget {report['flops_budget']:.0%} @ seq {report['flops_seq_len']:.1f}")
     table.add_row("MHA / FFN", f"{report['mha_flops_ratio']:.1%}", f"{report['ffn_flops_ratio']:.1%}")
     table.add_row("params", f"{report['params_before'] / 1e6:.2f}M", f"-> {report['params_after'] / 1e6:.2f}M")
+    comp = report.get("compensation") or {}
+    if comp.get("method", "none") != "none" and "layers" in comp:
+        table.add_row("compensation", f"{comp['method']}: {comp['accepted']}/{len(comp['layers'])} sublayers",
+                      f"held-out error {comp['mean_error_before']:.4g} -> {comp['mean_error_after']:.4g}")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items() if k != "total")
-    table.caption = f"samples {report['samples']} · seed {report['seed']} · {times} · total {report['timings_s'].get('total', 0):.1f}s"
+    notes = [str(n) for n in (report.get("plan_meta") or {}).get("notes", [])] + [str(w) for w in report.get("warnings", [])]
+    caption = f"samples {report['samples']} · seed {report['seed']} · {times} · total {report['timings_s'].get('total', 0):.1f}s"
+    table.caption = "\n".join([caption] + [f"note: {n}" for n in notes])
     return table
 
 

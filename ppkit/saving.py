@@ -140,11 +140,22 @@ def save_pruned(
         for name, text in (extra_files or {}).items():
             (out / name).write_text(text, encoding="utf-8")
         carry_files(source, out)
+        _default_file_modes(out)
     except OSError as exc:
         raise OutputError(f"cannot write the pruned model to {out}: {exc}") from exc
     if not (out / WEIGHTS_FILE).is_file():
         raise OutputError(f"transformers did not write {WEIGHTS_FILE} in {out}")
     return out
+
+
+def _default_file_modes(folder: Path) -> None:
+    """Give every file the mode a plain ``open()`` would (0666 less the umask): safetensors writes its
+    file through a private temporary file (0600), unlike the other files of the directory."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def is_pruned_dir(path: str | Path) -> bool:

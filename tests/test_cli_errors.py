@@ -442,6 +442,16 @@ def test_export_truncated_weights(ws, tmp_path, capsys):
     assert not (target / "model.onnx").exists() and leftovers(target) == []
 
 
+def test_export_refuses_an_existing_file_without_overwrite(ws, tmp_path, capsys):
+    target = copy_tree(ws.pruned, tmp_path / "again")
+    (target / "model.onnx").write_bytes(b"earlier export")
+    r = run_cli(["export", target, "--onnx"], capsys)
+    assert_user_error(r, f"{target / 'model.onnx'} exists already; choose another --out or pass --overwrite (overwrite=True)")
+    assert (target / "model.onnx").read_bytes() == b"earlier export" and leftovers(target) == []
+    assert run_cli(["export", target, "--onnx", "--overwrite"], capsys).code == 0
+    assert (target / "model.onnx").read_bytes() != b"earlier export"
+
+
 def test_export_without_onnx(ws, capsys):
     assert_user_error(run_cli(["export", ws.pruned, "--no-onnx"], capsys), "only ONNX export is available: pass --onnx")
 

@@ -151,13 +151,13 @@ def test_failed_check_leaves_previous_file_and_no_temp_files(tmp_path):
     target.write_bytes(b"previous")
     model = make_tiny_bert()
     with pytest.raises(ExportError, match="differs from torch"):
-        export_onnx(model, target, atol=-1.0)  # impossible tolerance: the check must fail
+        export_onnx(model, target, atol=-1.0, overwrite=True)  # impossible tolerance: the check must fail
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     with pytest.raises(OutputError, match="exists"):
-        export_onnx(model, target, overwrite=False)
+        export_onnx(model, target)  # like every other output: not replaced without overwrite
     assert target.read_bytes() == b"previous"
-    report = export_onnx(model, target)  # overwrite=True by default
+    report = export_onnx(model, target, overwrite=True)
     assert report.max_abs_diff <= ATOL and onnx.load(str(target)).graph.node
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ BUILTINS = {"dual-cp", "kcm", "random", "worst"}
 def test_builtins_come_from_entry_points():
     infos = {i.name: i for i in Registry().list_strategies()}
     assert BUILTINS <= set(infos)
-    assert {infos[n].package for n in BUILTINS} == {"ppkit"}
+    assert {infos[n].package for n in BUILTINS} == {"ppkit-prune"}
     assert "activations" in infos["dual-cp"].needs and not infos["random"].needs
     assert all(i.description and i.version for i in infos.values())
 
@@ -116,7 +117,7 @@ def test_duplicate_strategy_name_is_ignored_with_a_warning(tiny_ctx):
     reg = Registry()
     reg.register_plugin(make_plugin("random", lambda ctx: None), package="impostor")
     with pytest.warns(RuntimeWarning, match="strategy 'random' from package impostor is ignored"):
-        assert reg.get_strategy("random").package == "ppkit"
+        assert reg.get_strategy("random").package == "ppkit-prune"
 
 
 @pytest.fixture
@@ -178,3 +179,19 @@ def test_third_party_package_installs_and_prunes(tmp_path, tiny_bert):
     # "uninstalled": the target directory is the whole installation
     shutil.rmtree(target)
     assert "magnitude" not in {i.name for i in Registry().list_strategies()}
+
+
+def test_example_plugin_requires_this_distribution_not_the_unrelated_ppkit(tmp_path):
+    """The example plugin's requirements resolve against this project as installed, with no index: it asks for
+    the distribution ``ppkit-prune`` (``ppkit`` on PyPI is an unrelated project)."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "examples" / "ppkit-magnitude", src)
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-input", "--disable-pip-version-check",
+           "--quiet", "--report", str(tmp_path / "report.json"), str(src)]
+    if importlib.util.find_spec("setuptools") is not None:
+        cmd.insert(4, "--no-build-isolation")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [item["metadata"]["name"] for item in report["install"]] == ["ppkit-magnitude"]
+    assert any(req.startswith("ppkit-prune") for req in report["install"][0]["metadata"]["requires_dist"])

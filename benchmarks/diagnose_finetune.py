@@ -81,7 +81,7 @@ def trace_finetune(model, train_ds, dev_ds, *, recipe: Recipe, epochs: int, ever
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from ppkit.finetune import predict
+    from ppkit.training import predict
     from ppkit.metrics import compute_task_metrics
 
     seed = recipe.finetune_seed

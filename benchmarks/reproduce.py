@@ -8,7 +8,7 @@ budget, seed) the pipeline is exactly the library's:
 2. sentence-embedding fidelity before fine-tuning: mean cosine between the dense and the pruned
    model's mean-pooled embeddings of held-out dev sentences (how much of the pre-trained function the
    selection keeps);
-3. ``ppkit.finetune.finetune`` on a seeded train subset (the fine-tuning wall time is recorded);
+3. ``ppkit.training.finetune`` on a seeded train subset (the fine-tuning wall time is recorded);
 4. the dev metric of the best epoch (accuracy; Spearman for STS-B).
 
 Strategies: ``dense`` (no pruning, budget 1.0), ``dual-cp`` (= the paper's "Ours" and Table 2 "+CS"),
@@ -404,7 +404,7 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
               keep_models: bool, command: str | None) -> tuple[dict, bool]:
     import torch
 
-    from ppkit.finetune import finetune
+    from ppkit.training import finetune
 
     torch.set_num_threads(recipe.threads)
     data = GLUE / TASK_DIRS[cell.task]
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = RECIPES[args.recipe]
     args.results = args.results or RESULTS_BY_RECIPE[recipe.name]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    for noisy in ("ppkit", "transformers", "ppkit.finetune"):
+    for noisy in ("ppkit", "transformers", "ppkit.training"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.only:

@@ -13,7 +13,7 @@ Per cell (strategy, FLOPs budget, seed):
    **tokenised** variant with ``<unk>`` and ``@-@``, not the raw one the paper's hub config names), on
    the first ``eval_tokens`` GPT-2 tokens of each split, non-overlapping windows of the context
    length (``ppkit.metrics.perplexity``), full 50,257-token softmax;
-3. a short fine-tune on a seeded subset of PTB train blocks (``ppkit.finetune.finetune``; the paper
+3. a short fine-tune on a seeded subset of PTB train blocks (``ppkit.training.finetune``; the paper
    fine-tunes 20 epochs on PTB), then the same four perplexities again.
 
 One JSON per cell under ``benchmarks/results/reproduce_lm/<model tag>/``, skipped on rerun; weights stay
@@ -138,7 +138,7 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
     import torch
 
     from ppkit.errors import BudgetError
-    from ppkit.finetune import finetune
+    from ppkit.training import finetune
     from ppkit.models import load_model, load_tokenizer
     from ppkit.pipeline import prune
 

@@ -196,7 +196,7 @@ def finetune(
     import os
 
     from ppkit.distill import DistillSettings
-    from ppkit.finetune import finetune as run_finetune
+    from ppkit.training import finetune as run_finetune
 
     distill = DistillSettings(weight=distill_weight, temperature=distill_temperature, hidden_weight=distill_hidden)
     result = run_finetune(

@@ -34,7 +34,7 @@ _EXPORTS = {
     "list_strategies": "ppkit.registry",
     "export_onnx": "ppkit.export",
     "benchmark": "ppkit.bench",
-    "finetune": "ppkit.finetune",
+    "finetune": "ppkit.training",
     "PpkitError": "ppkit.errors",
 }
 

@@ -10,7 +10,7 @@ near-constant output. ppkit's defaults for sentence classification / regression 
 * run at least ``MIN_STEPS`` optimizer steps (more epochs on small train sets, at most ``MAX_EPOCHS``),
   with batch 16 below ``LARGE_TRAIN_SET`` examples;
 * warm up linearly over 10% of the steps, weight decay 0.01;
-* start the head well (:func:`ppkit.finetune.init_head`: bias at the label mean for regression, at
+* start the head well (:func:`ppkit.training.init_head`: bias at the label mean for regression, at
   the log class prior for classification) and pool as the checkpoint was trained
   (:func:`ppkit.sbert.checkpoint_pooling`).
 

@@ -68,6 +68,8 @@ class TaskSpec:
     batch_size: int = 32
     learning_rate: float = 2e-5
     description: str = ""
+    #: class names by label id (GLUE's), written as the fine-tuned model's id2label
+    label_names: tuple[str, ...] = ()
 
     @property
     def is_pair(self) -> bool:
@@ -92,11 +94,12 @@ _GLUE_FILES = {"train": ("train.tsv",), "dev": ("dev.tsv",), "test": ("test.tsv"
 
 def _glue(name: str, glue_dir: str, schemas: tuple[ColumnSchema, ...], *, num_labels: int = 2,
           metrics: tuple[str, ...] = ("accuracy",), main: str = "accuracy", kind: str = "classification",
-          dev_split: str = "validation", max_length: int = 128, local_files=None, description: str = "") -> TaskSpec:
+          dev_split: str = "validation", max_length: int = 128, local_files=None, description: str = "",
+          label_names: tuple[str, ...] = ()) -> TaskSpec:
     return TaskSpec(
         name=name, kind=kind, hub_name="glue", hub_config=name, num_labels=num_labels, dev_split=dev_split,
         metrics=metrics, main_metric=main, max_length=max_length, schemas=schemas,
-        local_files=local_files or _GLUE_FILES, glue_dir=glue_dir, description=description,
+        local_files=local_files or _GLUE_FILES, glue_dir=glue_dir, description=description, label_names=label_names,
     )
 
 
@@ -109,17 +112,19 @@ TASKS: dict[str, TaskSpec] = {
             ColumnSchema("sentence", label="label"),
             ColumnSchema("sentence", label="label", names=("source", "label", "orig_label", "sentence")),
         ), metrics=("matthews_correlation",), main="matthews_correlation",
-            description="CoLA acceptability (Matthews correlation)"),
+            description="CoLA acceptability (Matthews correlation)", label_names=("unacceptable", "acceptable")),
         _glue("sst2", "SST-2", (ColumnSchema("sentence", label="label"),), max_length=64,
-              description="SST-2 sentiment (accuracy)"),
+              description="SST-2 sentiment (accuracy)", label_names=("negative", "positive")),
         _glue("mrpc", "MRPC", (
             ColumnSchema("sentence1", "sentence2", "label"),
             ColumnSchema("#1 String", "#2 String", "Quality"),
-        ), metrics=("accuracy", "f1"), description="MRPC paraphrase (accuracy, F1)"),
+        ), metrics=("accuracy", "f1"), description="MRPC paraphrase (accuracy, F1)",
+            label_names=("not_equivalent", "equivalent")),
         _glue("qqp", "QQP", (
             ColumnSchema("question1", "question2", "label"),
             ColumnSchema("question1", "question2", "is_duplicate"),
-        ), metrics=("accuracy", "f1"), description="QQP duplicate questions (accuracy, F1)"),
+        ), metrics=("accuracy", "f1"), description="QQP duplicate questions (accuracy, F1)",
+            label_names=("not_duplicate", "duplicate")),
         _glue("stsb", "STS-B", (
             ColumnSchema("sentence1", "sentence2", "label"),
             ColumnSchema("sentence1", "sentence2", "score"),
@@ -132,13 +137,13 @@ TASKS: dict[str, TaskSpec] = {
         ), num_labels=3, dev_split="validation_matched",
             local_files={"train": ("train.tsv",), "dev": ("dev_matched.tsv", "dev.tsv"),
                          "test": ("test_matched.tsv",)},
-            description="MNLI entailment, matched dev (accuracy)"),
+            description="MNLI entailment, matched dev (accuracy)", label_names=("entailment", "neutral", "contradiction")),
         _glue("qnli", "QNLI", (
             ColumnSchema("question", "sentence", "label", label_map=_NLI),
-        ), description="QNLI question entailment (accuracy)"),
+        ), description="QNLI question entailment (accuracy)", label_names=("entailment", "not_entailment")),
         _glue("rte", "RTE", (
             ColumnSchema("sentence1", "sentence2", "label", label_map=_NLI),
-        ), description="RTE entailment (accuracy)"),
+        ), description="RTE entailment (accuracy)", label_names=("entailment", "not_entailment")),
         TaskSpec(
             name="squad", kind="qa", hub_name="squad", hub_config=None, num_labels=2, dev_split="validation",
             metrics=("exact_match", "f1"), main_metric="f1", max_length=384,

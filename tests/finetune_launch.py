@@ -1,5 +1,5 @@
 """Launcher for the distributed fine-tuning test: ``torchrun --nproc_per_node 2 tests/finetune_launch.py
-MODEL_DIR DATA_DIR OUT_DIR RESULT_JSON``. Every rank calls :func:`ppkit.finetune.finetune` exactly as a
+MODEL_DIR DATA_DIR OUT_DIR RESULT_JSON``. Every rank calls :func:`ppkit.training.finetune` exactly as a
 single process would; each rank writes its own small result file so the test can compare them."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def main() -> None:
-    from ppkit.finetune import finetune
+    from ppkit.training import finetune
 
     model_dir, data_dir, out_dir, result_prefix = sys.argv[1:5]
     result = finetune(model_dir, "sst2", data=data_dir, out_dir=out_dir, epochs=2, batch_size=8,

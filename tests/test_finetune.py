@@ -14,7 +14,7 @@ import torch
 
 from ppkit.data import load_task_dataset
 from ppkit.errors import InputError, OutputError
-from ppkit.finetune import evaluate_model, finetune
+from ppkit.training import evaluate_model, finetune
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from conftest import make_tiny_bert, plan_for, tiny_bert_config
 from ppkit.data import load_task_dataset
 from ppkit.distill import DistillSettings, distillation_trainer, hidden_loss, prediction_loss
 from ppkit.errors import InputError
-from ppkit.finetune import evaluate_model, finetune, init_head, predict
+from ppkit.training import evaluate_model, finetune, init_head, predict
 from ppkit.masking import apply_masks
 from ppkit.modeling_pruned import PpkitBertForSequenceClassification, mean_pool
 from ppkit.recipe import default_recipe
@@ -264,3 +264,10 @@ def test_threads_reach_torch(tmp_path, bert_tok, capsys):
                   capsys)
     assert bad.code == 2 and bad.error_lines() == ["error: threads must be a positive integer, got 0"]
     assert not (tmp_path / "ft0").exists()
+
+
+def test_the_public_finetune_stays_a_function_after_its_module_is_imported():
+    import ppkit
+    import ppkit.training  # noqa: F401 - importing a submodule sets an attribute of the package
+
+    assert ppkit.finetune is finetune and callable(ppkit.finetune)

@@ -190,6 +190,10 @@ def _load(model_or_dir: Any, spec: TaskSpec, tokenizer: Any, allow_pickle: bool,
                          f"{spec.num_labels}")
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id(tokenizer)  # GPT-2 classification needs it to find the last token
+    if head == "sequence-classification" and len(spec.label_names) == spec.num_labels:
+        # pipelines and the saved config then say "positive", not "LABEL_1"
+        model.config.id2label = dict(enumerate(spec.label_names))
+        model.config.label2id = {name: i for i, name in enumerate(spec.label_names)}
     return model, tokenizer, plan, fresh
 
 

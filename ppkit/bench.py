@@ -17,6 +17,7 @@ import math
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -110,6 +111,7 @@ class ModelResult:
     latency: list[LatencyStats] = field(default_factory=list)
     quality: dict[str, float] | None = None
     export: dict[str, Any] | None = None
+    state: str = "in memory"  # pre-trained / fine-tuned / untrained head / in memory (see model_state)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -224,6 +226,27 @@ class _Loaded:
     source: str
     model: nn.Module
     tokenizer: Any = None
+    state: str = "in memory"
+
+
+def model_state(source: str | Path, head: str) -> str:
+    """What a checkpoint's weights under ``head`` are: "fine-tuned" (written by ``ppkit finetune``, or
+    saved with this task head), "untrained head" (the task head is new: its outputs are chance level),
+    or "pre-trained" (no task head, or GPT-2's LM head, which is tied to the pre-trained embeddings)."""
+    folder = Path(str(source))
+    if (folder / "finetune.json").is_file():
+        return "fine-tuned"
+    try:
+        archs = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        archs = []  # a hub name
+    if head in ("base", "causal-lm"):
+        return "pre-trained"
+    suffix = {"sequence-classification": "ForSequenceClassification", "question-answering": "ForQuestionAnswering",
+              "token-classification": "ForTokenClassification", "masked-lm": "ForMaskedLM"}.get(head)
+    if suffix is not None and any(str(a).endswith(suffix) for a in archs):
+        return "fine-tuned"
+    return "untrained head"
 
 
 def _task_head(task_spec: Any) -> tuple[str, int | None]:
@@ -260,7 +283,7 @@ def _load(item: Any, name: str | None, task_spec: Any, tokenizer: Any, need_toke
     tok = tokenizer
     if need_tokenizer and tok is None:
         tok = load_tokenizer(source)
-    return _Loaded(name or Path(source).name or source, source, model, tok)
+    return _Loaded(name or Path(source).name or source, source, model, tok, model_state(source, head))
 
 
 def _shape_info(model: nn.Module, seq_len: int) -> tuple[dict[str, Any], list[int], list[int], str]:
@@ -411,6 +434,7 @@ def evaluate_quality(
 def _describe(entry: _Loaded, role: str, seq_len: int) -> ModelResult:
     flops, heads, neurons, family = _shape_info(entry.model, seq_len)
     return ModelResult(
+        state=entry.state,
         name=entry.name,
         source=entry.source,
         role=role,
@@ -571,6 +595,14 @@ def benchmark(
             raise InputError(f"seq_len {seq_len} is longer than {entry.name}'s {limit} positions")
 
     results = [_describe(entry, role, seq_len) for entry, role in zip(loaded, roles)]
+    notes = []
+    if task_spec is not None and quality:
+        for res in results:
+            if res.state == "untrained head":
+                notes.append(f"{res.role} {res.name} has an untrained {task_spec.name} head, so its quality is chance "
+                             f"level; compare against a fine-tuned dense model (ppkit finetune DENSE --task "
+                             f"{task_spec.name} --out DENSE-FT, then --baseline DENSE-FT)")
+                warnings.warn(notes[-1], stacklevel=2)
     if baseline is not None:
         base = results[0]
         for res in results:
@@ -607,6 +639,7 @@ def benchmark(
         "eval_limit": eval_limit,
         "quality_backend": "torch" if task_spec is not None and quality else None,
         "baseline": results[0].name if baseline is not None else None,
+        "notes": notes,
     }
     report = BenchReport(settings, machine_info(device), results, time.perf_counter() - started)
     log.info("benchmarked %d models in %.1fs", len(results), report.seconds)
@@ -691,6 +724,8 @@ def render_table(report: BenchReport | dict[str, Any]):  # -> rich.table.Table
         table.add_column(main, justify="right", no_wrap=True)
     for m in data["models"]:
         name = m["name"] + (" (baseline)" if m["role"] == "baseline" and m["name"] != "baseline" else "")
+        if m.get("state"):
+            name += f" · {m['state']}"
         quality = ""
         if main and m.get("quality") and main in m["quality"]:
             quality = f"{m['quality'][main]:.4g}"

@@ -121,13 +121,13 @@ def plot_bench(report: Mapping[str, Any], path: str | Path) -> Path:
             ys.append(row["p50_ms"])
     panels: list[dict[str, Any]] = [dict(series=latency, ylabel="p50 latency (ms)", title="latency")]
     main = report.get("settings", {}).get("main_metric")
-    quality = {
-        "quality": (
-            [e["flops"]["ratio"] for e in models if e.get("quality") and main in e["quality"]],
-            [e["quality"][main] for e in models if e.get("quality") and main in e["quality"]],
-        )
-    }
-    if main and quality["quality"][0]:
+    quality: dict[str, tuple[list[float], list[float]]] = {}
+    for e in models:  # one series per state, so fine-tuned and untrained-head points are never joined
+        if e.get("quality") and main in e["quality"]:
+            xs, ys = quality.setdefault(e.get("state") or "quality", ([], []))
+            xs.append(e["flops"]["ratio"])
+            ys.append(e["quality"][main])
+    if main and quality:
         panels.append(dict(series=quality, ylabel=main, title=f"{report['settings'].get('task')} {main}"))
     settings = report.get("settings", {})
     return plot_vs_flops(path, panels, suptitle=f"ppkit bench · seq {settings.get('seq_len')} · {settings.get('device')}")

@@ -177,3 +177,29 @@ def test_quality_squad_reports_exact_match_and_f1(shared_data, minilm_path):
     assert q["examples"] == 6
     assert set(q) >= {"exact_match", "f1"}
     assert 0.0 <= q["exact_match"] <= q["f1"] <= 100.0  # token F1 is never below exact match
+
+
+def test_bench_labels_model_states_and_warns_about_an_untrained_baseline_head(tmp_path, shared_data, minilm_path):
+    from ppkit.bench import benchmark, render_table
+    from ppkit.models import load_tokenizer
+
+    tok = load_tokenizer(minilm_path)
+    dense, tuned = tmp_path / "dense", tmp_path / "tuned"
+    make_tiny_bert("BertModel", vocab_size=tok.vocab_size, max_position_embeddings=128).save_pretrained(dense)
+    make_tiny_bert("BertForSequenceClassification", vocab_size=tok.vocab_size,
+                   max_position_embeddings=128).save_pretrained(tuned)
+    for folder in (dense, tuned):
+        tok.save_pretrained(folder)
+
+    with pytest.warns(UserWarning, match="baseline dense has an untrained sst2 head, so its quality is chance level"):
+        report = benchmark([tuned], baseline=dense, task="sst2", data=shared_data / "glue" / "SST-2", eval_limit=8,
+                           batch_sizes=[1], seq_len=16, repeats=1, warmup=0, backend="torch",
+                           plot=tmp_path / "bench.png")
+    assert [(m.name, m.state) for m in report.models] == [("dense", "untrained head"), ("tuned", "fine-tuned")]
+    assert len(report.settings["notes"]) == 1 and (tmp_path / "bench.png").is_file()
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "dense (baseline) · untrained head" in text and "tuned · fine-tuned" in text

@@ -244,12 +244,15 @@ def export(
     check: bool = typer.Option(True, "--check/--no-check", help="Validate with onnx.checker and compare onnxruntime with torch on two input sizes."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing ONNX file (atomically, after the check passes)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantization of the checked fp32 graph (default file model-int8.onnx), checked by output cosine against fp32."),
 ) -> None:
     """Export a model to ONNX with dynamic batch/sequence axes, then check it against torch in onnxruntime.
 
-    Example:
+    Examples:
 
       ppkit export minilm-sst2-60 --onnx
+
+      ppkit export minilm-sst2-60 --onnx --quantize int8     # writes minilm-sst2-60/model-int8.onnx
     """
     from ppkit.errors import InputError
     from ppkit.export import export_onnx
@@ -263,10 +266,15 @@ def export(
     low, high = _opset_range()
     if not low <= opset <= high:
         raise InputError(f"--opset must be between {low} and {high} (the opsets torch's ONNX exporter supports), got {opset}")
-    report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check, overwrite=overwrite)
+    report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check, overwrite=overwrite,
+                         quantize=quantize)
     diff = "not checked" if report.max_abs_diff is None else f"{report.max_abs_diff:.2e}"
     stderr.print(f"[green]exported[/] {report.path} · opset {report.opset} · head {report.head} · "
                  f"max |ORT - torch| {diff} on shapes {report.checked_shapes} · {report.seconds:.1f}s")
+    if report.quantization:
+        q = report.quantization
+        stderr.print(f"int8 vs fp32: min cosine {q['min_cosine']:.5f} (mean {q['mean_cosine']:.5f}), max |diff| "
+                     f"{q['max_abs_diff']:.3g} · {q['int8_bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f} MB)")
     if as_json:
         _emit_json(report.to_dict())
 

@@ -75,6 +75,7 @@ class ExportReport:
     family: str = ""
     exporter: str = "torchscript"
     checked_shapes: list[tuple[int, int]] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # int8: its cosine / max diff against the fp32 graph
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -249,6 +250,7 @@ def export_onnx(
     exporter: str = "torchscript",
     attn_implementation: str | None = "eager",
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
 
@@ -261,16 +263,23 @@ def export_onnx(
     default); an existing directory as ``out_file`` means ``<out_file>/model.onnx``. With ``check`` the
     graph is validated with ``onnx.checker`` and run with onnxruntime on two input sizes; an
     :class:`ExportError` is raised when outputs differ from torch by more than ``atol``. The file is
-    written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists.
+    written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists. ``quantize="int8"``
+    writes onnxruntime's dynamic int8 quantization of the checked fp32 graph instead (default file
+    ``model-int8.onnx``), checked against fp32 by output cosine (:mod:`ppkit.quantize`).
     """
     start = time.perf_counter()
     if exporter not in ("torchscript", "dynamo"):
         raise InputError(f"unknown exporter {exporter!r}: use 'torchscript' or 'dynamo'")
+    from .quantize import QUANTIZATIONS
+
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise InputError(f"unknown quantization {quantize!r}: use {', '.join(QUANTIZATIONS)}")
+    default_name = "model.onnx" if quantize is None else f"model-{quantize}.onnx"
     if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).is_dir():
         source = Path(model_or_dir)
         model = load_for_export(source, head)
         if out_file is None:
-            out_file = source / "model.onnx"
+            out_file = source / default_name
     elif isinstance(model_or_dir, (str, Path)):  # a hub name (or a missing path: load_model says which)
         from .models import load_model
 
@@ -286,7 +295,7 @@ def export_onnx(
 
     target = Path(out_file)
     if target.is_dir():
-        target = target / "model.onnx"
+        target = target / default_name
     if target.exists() and not overwrite:
         raise OutputError(f"{target} exists already; choose another --out or pass --overwrite (overwrite=True)")
     try:
@@ -313,13 +322,26 @@ def export_onnx(
             shapes: list[tuple[int, int]] = []
             if check:
                 max_diff, shapes = verify_onnx(tmp_file, wrapper, module, inputs, outputs, atol=atol)
+            quantization = None
+            if quantize is not None:
+                from .quantize import quantize_checked
+
+                fp32_file = tmp_file.with_name("fp32-" + tmp_file.name)
+                tmp_file.rename(fp32_file)
+                feeds = [{n: v.numpy() for n, v in sample_inputs(module, b, min(s, max_sequence_length(module)),
+                                                                  seed=200 + i).items() if n in inputs}
+                         for i, (b, s) in enumerate(CHECK_SHAPES)]
+                quantization = {"method": "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights)",
+                                **quantize_checked(fp32_file, tmp_file, outputs, feeds)}
+                fp32_file.unlink()
         _move_into_place(tmp_dir, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         module.train(was_training)
     seconds = time.perf_counter() - start
     log.info("exported %s to %s (max |onnx - torch| = %s, %.1fs)", type(module).__name__, target, max_diff, seconds)
-    return ExportReport(target, opset, max_diff, inputs, outputs, seconds, head_name, family, exporter, shapes)
+    return ExportReport(target, opset, max_diff, inputs, outputs, seconds, head_name, family, exporter, shapes,
+                        quantization)
 
 
 def _dynamic_axes(inputs: Sequence[str], outputs: Sequence[str], head: str) -> dict[str, dict[int, str]]:

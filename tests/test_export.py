@@ -188,3 +188,29 @@ def test_minilm_pruned_at_random_plan_exports(tmp_path, minilm_path):
     # pruning really shrank the graph: the file is smaller than the dense export
     dense_report = export_onnx(dense, tmp_path / "dense.onnx", check=False)
     assert report.path.stat().st_size < 0.9 * dense_report.path.stat().st_size
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_int8_export_of_a_pruned_model_stays_close_to_fp32(tmp_path, family):
+    model = make_tiny_bert("BertForSequenceClassification") if family == "bert" else make_tiny_gpt2("GPT2LMHeadModel")
+    prune_model(model, plan_for(model, seed=3, kind="zeros"))
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
+    report = export_onnx(model, tmp_path / "int8.onnx", quantize="int8")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32.onnx", "int8.onnx"]  # no quantizer leftovers
+    q = report.quantization
+    # the stated tolerance: every example's output points where fp32's does (cosine >= 0.99)
+    assert q["min_cosine"] >= 0.99 and q["examples"] >= 4 and q["max_abs_diff"] > 0
+    graph = onnx.load(str(report.path)).graph
+    assert any(node.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul") for node in graph.node)
+    assert not any(node.op_type in ("DynamicQuantizeLinear", "MatMulInteger") for node in onnx.load(str(fp32.path)).graph.node)
+    # an independent run on another input size agrees with torch at int8 precision
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    feed = sample_inputs(model, 2, 9, seed=7)
+    with torch.no_grad():
+        ref = model(**{n: feed[n] for n in report.inputs}).logits.numpy()
+    (got,) = session.run(["logits"], {n: feed[n].numpy() for n in report.inputs})
+    cos = (ref * got).reshape(2, -1).sum(1) / (np.linalg.norm(ref.reshape(2, -1), axis=1) * np.linalg.norm(got.reshape(2, -1), axis=1))
+    assert cos.min() >= 0.99
+    with pytest.raises(InputError, match="unknown quantization"):
+        export_onnx(model, tmp_path / "x.onnx", quantize="int4")

@@ -1,0 +1,95 @@
+"""int8 ONNX models: onnxruntime's dynamic quantization of an exported fp32 graph, checked against it.
+
+Pruning and int8 multiply: on all-MiniLM-L6-v2 at 0.6 FLOPs (onnxruntime CPU, batch 8 x 128, one
+thread) the pruned fp32 model ran at 0.60 of the dense fp32 latency, the dense int8 at 0.50 and the
+pruned int8 at 0.34. Dynamic quantization stores MatMul / Gather weights as int8 and quantizes
+activations per call, so it needs no calibration data. int8 cannot match fp32 to 1e-4, so the check
+is on what a user consumes: the cosine between the int8 and the fp32 outputs of every example
+(embeddings, logits), which must stay at least ``MIN_COSINE``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .errors import ExportError
+
+#: the int8 model's outputs must point where the fp32 model's do, example by example
+MIN_COSINE = 0.99
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
+    """Write the dynamically quantized (int8 weights, QInt8) copy of ``fp32_path`` to ``int8_path``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process goes to the root logger
+    try:
+        quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8,
+                         nodes_to_exclude=empty_weight_nodes(fp32_path))
+    except Exception as exc:  # noqa: BLE001 - any quantizer failure becomes one actionable error
+        raise ExportError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        root.setLevel(level)
+
+
+def empty_weight_nodes(path: Path) -> list[str]:
+    """Nodes with a zero-size weight (the projections of a layer pruned to no heads or no neurons).
+    onnxruntime's quantizer derives a scale from the weight's range, which an empty tensor does not
+    have, and the quantized graph then computes garbage without an error; they stay fp32 (they cost
+    nothing)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    empty = {init.name for init in graph.initializer if 0 in init.dims}
+    return [node.name for node in graph.node if any(name in empty for name in node.input)]
+
+
+def compare_outputs(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
+                    feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Run both graphs on ``feeds``; per example and output, the cosine between the flattened int8 and
+    fp32 outputs. Returns min / mean cosine, max |int8 - fp32| and the number of examples."""
+    fp32, int8 = _session(fp32_path), _session(int8_path)
+    cosines: list[float] = []
+    worst = 0.0
+    for feed in feeds:
+        for ref, got in zip(fp32.run(list(outputs), feed), int8.run(list(outputs), feed)):
+            ref = ref.reshape(ref.shape[0], -1).astype(np.float64)
+            got = got.reshape(got.shape[0], -1).astype(np.float64)
+            norm = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+            cosines.extend((np.sum(ref * got, axis=1) / np.maximum(norm, 1e-12)).tolist())
+            worst = max(worst, float(np.max(np.abs(ref - got))) if ref.size else 0.0)
+    return {"min_cosine": float(min(cosines)), "mean_cosine": float(np.mean(cosines)), "max_abs_diff": worst,
+            "examples": len(cosines), "min_cosine_required": MIN_COSINE}
+
+
+def quantize_checked(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
+                     feeds: Sequence[dict[str, np.ndarray]], log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Quantize, compare with the fp32 graph, and raise :class:`ExportError` below ``MIN_COSINE``."""
+    quantize_int8(fp32_path, int8_path)
+    stats = compare_outputs(fp32_path, int8_path, outputs, feeds)
+    stats["fp32_bytes"] = fp32_path.stat().st_size
+    stats["int8_bytes"] = int8_path.stat().st_size
+    if not stats["min_cosine"] >= MIN_COSINE:
+        raise ExportError(f"the int8 model's outputs drift from fp32 (cosine {stats['min_cosine']:.4f} < {MIN_COSINE}); "
+                          "export fp32 instead")
+    if log is not None:
+        log(f"int8 vs fp32: min cosine {stats['min_cosine']:.5f}, max |diff| {stats['max_abs_diff']:.3g}")
+    return stats
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnxruntime cannot load {path.name}: {exc}") from exc

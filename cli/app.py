@@ -244,6 +244,7 @@ def export(
     check: bool = typer.Option(True, "--check/--no-check", help="Validate with onnx.checker and compare onnxruntime with torch on two input sizes."),
     as_json: bool = typer.Option(False, "--json", help="Print the export report as JSON on stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing ONNX file (atomically, after the check passes)."),
+    optimize: bool = typer.Option(False, "--optimize", help="onnxruntime's transformer fusions with each layer's own head count, checked against the unfused graph (generic optimizers given the config's head count break pruned models)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantization of the checked fp32 graph (default file model-int8.onnx), checked by output cosine against fp32."),
 ) -> None:
     """Export a model to ONNX with dynamic batch/sequence axes, then check it against torch in onnxruntime.
@@ -267,10 +268,14 @@ def export(
     if not low <= opset <= high:
         raise InputError(f"--opset must be between {low} and {high} (the opsets torch's ONNX exporter supports), got {opset}")
     report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check, overwrite=overwrite,
-                         quantize=quantize)
+                         quantize=quantize, optimize=optimize)
     diff = "not checked" if report.max_abs_diff is None else f"{report.max_abs_diff:.2e}"
     stderr.print(f"[green]exported[/] {report.path} · opset {report.opset} · head {report.head} · "
                  f"max |ORT - torch| {diff} on shapes {report.checked_shapes} · {report.seconds:.1f}s")
+    if report.optimization:
+        o = report.optimization
+        stderr.print(f"fused {o['fused_operators']} · heads per attention node {o['attention_heads']} · "
+                     f"max |fused - unfused| {o['max_abs_diff_vs_unfused']:.2e}")
     if report.quantization:
         q = report.quantization
         stderr.print(f"int8 vs fp32: min cosine {q['min_cosine']:.5f} (mean {q['mean_cosine']:.5f}), max |diff| "

@@ -76,6 +76,7 @@ class ExportReport:
     exporter: str = "torchscript"
     checked_shapes: list[tuple[int, int]] = field(default_factory=list)
     quantization: dict[str, Any] | None = None  # int8: its cosine / max diff against the fp32 graph
+    optimization: dict[str, Any] | None = None  # fused operators, heads per attention node, max diff to unfused
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -251,6 +252,7 @@ def export_onnx(
     attn_implementation: str | None = "eager",
     overwrite: bool = False,
     quantize: str | None = None,
+    optimize: bool = False,
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
 
@@ -265,7 +267,9 @@ def export_onnx(
     :class:`ExportError` is raised when outputs differ from torch by more than ``atol``. The file is
     written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists. ``quantize="int8"``
     writes onnxruntime's dynamic int8 quantization of the checked fp32 graph instead (default file
-    ``model-int8.onnx``), checked against fp32 by output cosine (:mod:`ppkit.quantize`).
+    ``model-int8.onnx``), checked against fp32 by output cosine (:mod:`ppkit.quantize`). ``optimize``
+    applies onnxruntime's transformer fusions with each fused attention node's own head count
+    (:mod:`ppkit.ort_optimize`), checked against the unfused graph (``atol``), before quantizing.
     """
     start = time.perf_counter()
     if exporter not in ("torchscript", "dynamo"):
@@ -322,15 +326,17 @@ def export_onnx(
             shapes: list[tuple[int, int]] = []
             if check:
                 max_diff, shapes = verify_onnx(tmp_file, wrapper, module, inputs, outputs, atol=atol)
-            quantization = None
+            quantization = optimization = None
+            feeds = [{n: v.numpy() for n, v in sample_inputs(module, b, min(s, max_sequence_length(module)),
+                                                              seed=200 + i).items() if n in inputs}
+                     for i, (b, s) in enumerate(CHECK_SHAPES)]
+            if optimize:
+                optimization = _optimize_in_place(tmp_file, module, family, outputs, feeds, atol)
             if quantize is not None:
                 from .quantize import quantize_checked
 
                 fp32_file = tmp_file.with_name("fp32-" + tmp_file.name)
                 tmp_file.rename(fp32_file)
-                feeds = [{n: v.numpy() for n, v in sample_inputs(module, b, min(s, max_sequence_length(module)),
-                                                                  seed=200 + i).items() if n in inputs}
-                         for i, (b, s) in enumerate(CHECK_SHAPES)]
                 quantization = {"method": "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights)",
                                 **quantize_checked(fp32_file, tmp_file, outputs, feeds)}
                 fp32_file.unlink()
@@ -341,7 +347,25 @@ def export_onnx(
     seconds = time.perf_counter() - start
     log.info("exported %s to %s (max |onnx - torch| = %s, %.1fs)", type(module).__name__, target, max_diff, seconds)
     return ExportReport(target, opset, max_diff, inputs, outputs, seconds, head_name, family, exporter, shapes,
-                        quantization)
+                        quantization, optimization)
+
+
+def _optimize_in_place(path: Path, module: nn.Module, family: str, outputs: Sequence[str],
+                       feeds: Sequence[dict[str, np.ndarray]], atol: float) -> dict[str, Any]:
+    """Replace ``path`` by its fused graph (per-layer head counts) after checking it against the unfused one."""
+    from .ort_optimize import max_difference, optimize_graph
+
+    config = module.config
+    fused = path.with_name("fused-" + path.name)
+    info = optimize_graph(path, fused, family=family, num_heads=config.num_attention_heads,
+                          hidden_size=config.hidden_size)
+    diff = max_difference(path, fused, outputs, feeds)
+    if not diff <= atol:
+        fused.unlink()
+        raise ExportError(f"the optimized graph differs from the unfused one by {diff:.3g} (> atol {atol:g}); "
+                          "export without --optimize")
+    os.replace(fused, path)
+    return {**info, "max_abs_diff_vs_unfused": diff}
 
 
 def _dynamic_axes(inputs: Sequence[str], outputs: Sequence[str], head: str) -> dict[str, dict[int, str]]:

@@ -214,3 +214,36 @@ def test_int8_export_of_a_pruned_model_stays_close_to_fp32(tmp_path, family):
     assert cos.min() >= 0.99
     with pytest.raises(InputError, match="unknown quantization"):
         export_onnx(model, tmp_path / "x.onnx", quantize="int4")
+
+
+@pytest.mark.parametrize("heads", [[3, 1, 2], [0, 4, 2]])
+def test_optimize_writes_each_layers_head_count_and_matches_the_unfused_graph(tmp_path, heads):
+    from onnxruntime.transformers import optimizer
+
+    from ppkit.plan import LayerPlan, PruningPlan
+
+    model = make_tiny_bert("BertModel")  # the hidden states show a wrong attention; logits squash it
+    with torch.no_grad():  # peaked attention: with near-uniform attention any head split gives the same output
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(25.0)
+            layer.attention.self.key.weight.mul_(25.0)
+    plan = PruningPlan([LayerPlan(tuple(range(h)), tuple(range(0, 64, 3))) for h in heads], num_heads=4, ffn_dim=64)
+    prune_model(model, plan)
+    plain = export_onnx(model, tmp_path / "plain.onnx")
+    report = export_onnx(model, tmp_path / "fused.onnx", optimize=True)
+
+    opt = report.optimization
+    assert opt["attention_heads"] == [h for h in heads if h]  # a layer without heads has no attention to fuse
+    assert opt["fused_operators"]["Attention"] == sum(1 for h in heads if h)
+    assert opt["max_abs_diff_vs_unfused"] <= ATOL and report.max_abs_diff <= ATOL
+    attention = [n for n in onnx.load(str(report.path)).graph.node if n.op_type == "Attention"]
+    assert [onnx.helper.get_attribute_value(a) for n in attention for a in n.attribute if a.name == "num_heads"] == opt["attention_heads"]
+    assert ort_vs_torch(report.path, model, [(4, 9), (1, 31)], ["last_hidden_state"], report.inputs) <= ATOL
+    # what ppkit fixes: the optimizer given the config's head count builds a wrong or unloadable graph
+    generic = optimizer.optimize_model(str(plain.path), model_type="bert", num_heads=4, hidden_size=32, opt_level=0)
+    generic.save_model_to_file(str(tmp_path / "generic.onnx"))
+    try:
+        broken = ort_vs_torch(tmp_path / "generic.onnx", model, [(4, 9)], ["last_hidden_state"], report.inputs)
+    except Exception:  # noqa: BLE001 - onnxruntime refuses to load it
+        broken = float("inf")
+    assert broken > 1e-2

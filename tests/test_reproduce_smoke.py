@@ -195,3 +195,26 @@ def test_lm_grid_rerun_over_cached_results_needs_no_weights(tmp_path):
     assert lm.main(["--strategies", "dense", *common]) == 0
     with pytest.raises(SystemExit, match=r"not found \(1 cell\(s\) to compute, e.g. dual-cp/0.6/0\).*train_small_gpt2"):
         lm.main(["--strategies", "dense,dual-cp", "--budgets", "0.6", *common])
+
+
+def test_teacher_cell_trains_its_dense_teacher_first_and_the_v2_report_shows_it(tmp_path, minilm_path):
+    import dataclasses
+
+    rp = _load_bench("reproduce")
+    recipe = dataclasses.replace(rp.RECIPE_V2, name="smoke-v2", calibration_samples=64, train_limit={"stsb": 64},
+                                 epochs={"stsb": 1}, eval_limit=32, fidelity_sentences=16)
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    cell = rp.Cell.parse("stsb/dual-cp-kd/0.6/0/ft1")
+    assert cell.teacher and cell.ft_seed == 1 and cell.slug == "stsb__dual-cp-kd__0.6__s0__ft1"
+
+    res, computed = rp.run_cell(cell, recipe=recipe, results_dir=results, cache_dir=cache, model_path=Path(minilm_path))
+
+    assert computed and res["ft_seed"] == 1
+    settings = res["finetune"]["settings"]
+    assert settings["distill"] == {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.0} and settings["seed"] == 1
+    assert settings["pooling"] == "mean" and settings["head_init"]["bias"] == "label mean"
+    dense = json.loads((results / "stsb__dense__1__s0.json").read_text())  # the teacher's own cell
+    assert (rp.teacher_dir("stsb", recipe, cache) / "model.safetensors").is_file()
+    text = _load_bench("report_v2").render([dense, res])
+    assert "| STS-B | 1 | 16 | 0.0001 |" in text
+    assert "| Dual-CP + --teacher | · | · | " in text and "of 164 cells" in text

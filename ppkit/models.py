@@ -234,6 +234,24 @@ def _model_class(family: str, head: str, pooling: str | None) -> type:
     return PPKIT_CLASSES[name]
 
 
+def pruning_head(name_or_path: str | Path) -> str:
+    """The head a model is pruned with: GPT-2 keeps its language-modelling head (tied to the input
+    embeddings, so it costs no weights, and it is how GPT-2 is used: ``generate``, logits in ONNX); a
+    BERT body is pruned without a task head ("base")."""
+    local = _local_dir(name_or_path)
+    if local is not None:
+        model_type = _read_config(local).get("model_type")
+    else:
+        name = str(name_or_path)
+        try:
+            from transformers import AutoConfig
+
+            model_type = _from_hub(name, lambda local_only: AutoConfig.from_pretrained(name, local_files_only=local_only)).model_type
+        except ModelLoadError:
+            return "base"  # load_model reports the offline hub name with its own message
+    return "causal-lm" if model_type == "gpt2" else "base"
+
+
 def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
     """Load the tokenizer of a model directory (or hub name) with ``AutoTokenizer``.
 
@@ -256,4 +274,4 @@ def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
     return tokenizer
 
 
-__all__ = ["HEADS", "HEAD_CLASSES", "load_model", "load_tokenizer"]
+__all__ = ["HEADS", "HEAD_CLASSES", "load_model", "load_tokenizer", "pruning_head"]

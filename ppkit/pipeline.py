@@ -135,7 +135,7 @@ def prune(
     from .adapters import get_adapter
     from .data import calibration_batches
     from .flops import count_flops, plan_flops
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, pruning_head
     from .report import plot_plan, write_json
     from .saving import atomic_output_dir, save_pruned
     from .statistics import collect_statistics
@@ -169,7 +169,7 @@ def prune(
             if tokenizer is None:
                 raise InputError("pass tokenizer=... when giving prune() a loaded model")
         else:
-            net = load_model(model, head="base", allow_pickle=allow_pickle)
+            net = load_model(model, head=pruning_head(model), allow_pickle=allow_pickle)
             tokenizer = tokenizer or load_tokenizer(model)
         net.eval()
         adapter = get_adapter(net)

@@ -101,29 +101,35 @@ def head_similarity(cos: torch.Tensor, num_heads: int, head_dim: int) -> torch.T
     return out
 
 
-def distance_from_similarity(sim: torch.Tensor | np.ndarray) -> np.ndarray:
-    """D = 1 - C (same float dtype as C) with a zero diagonal; C in [0, 1], so D is in [0, 1].
+def distance_from_similarity(sim: torch.Tensor | np.ndarray, zero_diagonal: bool = True) -> np.ndarray:
+    """D = 1 - C (same float dtype as C); C in [0, 1], so D is in [0, 1].
 
-    Clustering reads the upper triangle only (``squareform(..., checks=False)``), so float noise
-    between C[i, j] and C[j, i] of a float32 product does not matter. A float32 D is what the
-    reference code clusters too (scipy converts the condensed distances to float64).
+    ``"average"`` and ``"complete"`` linkage read the upper triangle only (``squareform(...,
+    checks=False)``), so float noise between C[i, j] and C[j, i] does not matter, and the diagonal is
+    set to 0. ``"reference"`` linkage reads whole rows of D, the diagonal included, as the authors'
+    code does; there ``zero_diagonal=False`` keeps the diagonal as computed (1 - |cos(x, x)|, about
+    ±1e-7 in float32), which can decide a near-tie between two merges (see :func:`linkage_tree`). A
+    float32 D is what the reference code clusters too (scipy converts it to float64).
     """
     s = sim.detach().cpu().numpy() if isinstance(sim, torch.Tensor) else np.asarray(sim)
     d = np.subtract(1.0, s, dtype=s.dtype if s.dtype in (np.float32, np.float64) else np.float64)
-    np.fill_diagonal(d, 0.0)
+    if zero_diagonal:
+        np.fill_diagonal(d, 0.0)
     return d
 
 
-def layer_distances(layer: Any, kind: str, num_heads: int | None = None, head_dim: int | None = None) -> np.ndarray:
-    """Distance matrix of one :class:`~ppkit.statistics.LayerStats` for ``kind`` "heads" or "neurons"."""
+def layer_distances(layer: Any, kind: str, num_heads: int | None = None, head_dim: int | None = None,
+                    zero_diagonal: bool = True) -> np.ndarray:
+    """Distance matrix of one :class:`~ppkit.statistics.LayerStats` for ``kind`` "heads" or "neurons"
+    (``zero_diagonal``: see :func:`distance_from_similarity`)."""
     if kind == "neurons":
         cos = unit_cosine(layer.neuron_samples, None if layer.neuron_samples is not None else layer.neuron_gram)
-        return distance_from_similarity(cos)
+        return distance_from_similarity(cos, zero_diagonal)
     if kind == "heads":
         if num_heads is None or head_dim is None:
             raise InputError("head distances need num_heads and head_dim")
         cos = unit_cosine(layer.head_samples, None if layer.head_samples is not None else layer.head_gram)
-        return distance_from_similarity(head_similarity(cos, num_heads, head_dim))
+        return distance_from_similarity(head_similarity(cos, num_heads, head_dim), zero_diagonal)
     raise InputError(f"kind must be 'heads' or 'neurons', got {kind!r}")
 
 
@@ -144,11 +150,12 @@ def linkage_tree(dist: np.ndarray, method: str = "average") -> np.ndarray:
     if method == "reference":
         # The authors pass the square D to linkage(metric='chebyshev'): scipy treats its rows as
         # observations, so the clustered distance is max_k |D[i,k] - D[j,k]|, then complete linkage.
-        # O(n^3): ~10 s per BERT-base FFN layer (n=3072) on 2 cores.
+        # D is used as given, diagonal included: its ~1e-7 float noise enters the Chebyshev distances
+        # and decides near-ties (two merge heights 6e-8 apart were seen on MiniLM), so a zeroed or
+        # symmetrised D can part from the authors' tree there. O(n^3): ~10 s per BERT-base FFN layer.
         from scipy.spatial.distance import pdist
 
-        sym = 0.5 * (d.astype(np.float64) + d.T)
-        return linkage(pdist(sym, metric="chebyshev"), method="complete")
+        return linkage(pdist(d.astype(np.float64), metric="chebyshev"), method="complete")
     return linkage(squareform(d, checks=False), method=method)
 
 
@@ -294,7 +301,7 @@ def build_unit_clustering(stats: Any, kind: str, linkage: str = "average") -> Un
     """Distance matrices and dendrograms of every layer for ``kind`` from :class:`ActivationStats`."""
     trees, scores = [], []
     for layer in stats.layers:
-        d = layer_distances(layer, kind, stats.num_heads, stats.head_dim)
+        d = layer_distances(layer, kind, stats.num_heads, stats.head_dim, zero_diagonal=linkage != "reference")
         trees.append(linkage_tree(d, linkage))
         score = layer.head_abs_mean if kind == "heads" else layer.neuron_abs_mean
         scores.append(np.asarray(score.detach().cpu().numpy() if isinstance(score, torch.Tensor) else score, dtype=np.float64))

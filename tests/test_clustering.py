@@ -13,6 +13,7 @@ from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 from ppkit.clustering import (
     clusters_at,
     count_at,
+    distance_from_similarity,
     exact_threshold,
     greedy_mapping,
     head_similarity,
@@ -235,3 +236,26 @@ def test_worst_keeps_members_of_largest_clusters():
     scores = np.array([1.0, 1.0, 0.5, 0.1, 0.2, 0.3, 1.0])
     assert select_worst(labels, 4, scores).tolist() == [1, 3, 4, 5]  # all of the triple, best of the pair
     assert select_worst(labels, 6, scores).tolist() == [0, 1, 2, 3, 4, 5]  # singleton tie: lowest index first
+
+
+def test_reference_linkage_reads_the_diagonal_of_d_like_the_authors_code():
+    """A near-tie: rows (0, 1) and (2, 3) are both 0.2 apart in Chebyshev distance with a zero diagonal.
+    The float32 noise the authors' D has on its diagonal (1 - |cos(x, x)| ~ 1e-6) decides which pair merges
+    first; reference mode must use D as given, as their ``linkage(D, 'complete', 'chebyshev')`` does."""
+    d = np.array([[0.0, 0.2, 0.5, 0.6],
+                  [0.2, 0.0, 0.6, 0.5],
+                  [0.5, 0.6, 0.0, 0.2],
+                  [0.6, 0.5, 0.2, 0.0]], dtype=np.float32)
+    zeroed_first = set(linkage_tree(d, "reference")[0, :2].astype(int))
+    noisy = d.copy()
+    noisy[2, 2] = noisy[3, 3] = np.float32(1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClusterWarning)
+        authors = linkage(noisy, method="complete", metric="chebyshev")
+    ours = linkage_tree(noisy, "reference")
+    assert np.array_equal(ours[:, :2], authors[:, :2]) and np.allclose(ours[:, 2], authors[:, 2], rtol=0, atol=1e-12)
+    assert set(ours[0, :2].astype(int)) == {2, 3} and zeroed_first == {0, 1}  # the diagonal decided the tie
+    # distance_from_similarity keeps that diagonal only when asked (reference mode), zeroes it otherwise
+    sim = 1.0 - noisy
+    assert distance_from_similarity(sim, zero_diagonal=False)[2, 2] == pytest.approx(1e-6, abs=1e-7)
+    assert distance_from_similarity(sim)[2, 2] == 0.0

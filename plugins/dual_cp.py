@@ -47,7 +47,7 @@ from ppkit.clustering import (LINKAGES, THRESHOLDS, cluster_assignment, cluster_
                               select_random_members)
 from ppkit.hookspecs import hookimpl
 from ppkit.plan import LayerPlan, PruningPlan
-from ppkit.registry import PruningContext, Strategy, as_bool, positive_float
+from ppkit.strategy import PruningContext, Strategy, as_bool, positive_float
 
 SELECTIONS = ("centroid", "activation", "random")
 

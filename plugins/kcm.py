@@ -49,7 +49,7 @@ from ppkit.budget import achieved_split, split_budget
 from ppkit.errors import InputError
 from ppkit.hookspecs import hookimpl
 from ppkit.plan import LayerPlan, PruningPlan
-from ppkit.registry import PruningContext, Strategy, positive_float
+from ppkit.strategy import PruningContext, Strategy, positive_float
 
 COMBINES = ("rank", "product")
 

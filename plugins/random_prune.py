@@ -15,7 +15,7 @@ import numpy as np
 from ppkit.budget import achieved_split, split_budget
 from ppkit.hookspecs import hookimpl
 from ppkit.plan import LayerPlan, PruningPlan
-from ppkit.registry import PruningContext, Strategy, as_bool
+from ppkit.strategy import PruningContext, Strategy, as_bool
 
 
 def random_keep(num_layers: int, units: int, total_kept: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from ppkit.clustering import cluster_under_budget, select_worst
 from ppkit.hookspecs import hookimpl
 from ppkit.plan import LayerPlan, PruningPlan
 from ppkit.plugins.dual_cp import OPTIONS, clustering_options
-from ppkit.registry import PruningContext, Strategy
+from ppkit.strategy import PruningContext, Strategy
 
 
 def prune(ctx: PruningContext) -> PruningPlan:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .registry import Strategy
+    from .strategy import Strategy
 
 #: marks a hook specification (used only in this module)
 hookspec = pluggy.HookspecMarker("ppkit")
@@ -30,7 +30,7 @@ hookimpl = pluggy.HookimplMarker("ppkit")
 def ppkit_strategies() -> "list[Strategy]":
     """Return the pruning strategies this plugin provides.
 
-    Each item is a :class:`ppkit.registry.Strategy`: a unique ``name`` (what users pass to
+    Each item is a :class:`ppkit.strategy.Strategy`: a unique ``name`` (what users pass to
     ``--strategy``), a one-line ``description``, the set of inputs it ``needs`` (``"activations"``
     when it reads :class:`ppkit.statistics.ActivationStats`; the pipeline collects them only then),
     and a ``prune(ctx: PruningContext) -> PruningPlan`` callable. The plan must list kept heads and

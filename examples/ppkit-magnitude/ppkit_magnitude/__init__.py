@@ -14,7 +14,7 @@ from ppkit.budget import achieved_split, split_budget
 from ppkit.errors import InputError
 from ppkit.hookspecs import hookimpl
 from ppkit.plan import LayerPlan, PruningPlan
-from ppkit.registry import PruningContext, Strategy
+from ppkit.strategy import PruningContext, Strategy
 
 __version__ = "0.1.0"
 

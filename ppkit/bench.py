@@ -431,8 +431,25 @@ def evaluate_quality(
     return result
 
 
+def pruned_at(source: str | Path) -> dict[str, float] | None:
+    """The FLOPs ratio ``ppkit prune`` reported for a pruned directory and the sequence length it was
+    counted at (the mean calibration length), or None. bench counts at its own ``seq_len``; the two
+    differ because attention's s^2 term weighs more at longer sequences."""
+    for name in ("report.json", "plan.json"):
+        try:
+            data = json.loads((Path(str(source)) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        data = data.get("meta", data) if name == "plan.json" else data
+        if "flops_ratio" in data and "flops_seq_len" in data:
+            return {"ratio": float(data["flops_ratio"]), "seq_len": float(data["flops_seq_len"])}
+    return None
+
+
 def _describe(entry: _Loaded, role: str, seq_len: int) -> ModelResult:
     flops, heads, neurons, family = _shape_info(entry.model, seq_len)
+    flops["seq_len"] = seq_len
+    flops["at_prune"] = pruned_at(entry.source)
     return ModelResult(
         state=entry.state,
         name=entry.name,
@@ -718,7 +735,8 @@ def render_table(report: BenchReport | dict[str, Any]):  # -> rich.table.Table
     table = Table(title=f"ppkit bench · seq {settings['seq_len']} · {settings['device']}"
                         + (f" · {settings['task']}" if settings.get("task") else ""))
     table.add_column("model", overflow="fold", ratio=1)
-    for col in ("FLOPs", "params", "backend", "batch", "p50 ms", "p90 ms", "mean ms", "sd ms", "samples/s", "speedup"):
+    for col in (f"FLOPs @{settings['seq_len']}", "params", "backend", "batch", "p50 ms", "p90 ms", "mean ms", "sd ms",
+                "samples/s", "speedup"):
         table.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     if main:
         table.add_column(main, justify="right", no_wrap=True)
@@ -731,7 +749,10 @@ def render_table(report: BenchReport | dict[str, Any]):  # -> rich.table.Table
             quality = f"{m['quality'][main]:.4g}"
         first = True
         for row in m["latency"] or [None]:
-            cells = [name if first else "", f"{m['flops']['ratio']:.1%}" if first else "",
+            at_prune = m["flops"].get("at_prune")
+            flops = f"{m['flops']['ratio']:.1%}" + (f" ({at_prune['ratio']:.1%} @{at_prune['seq_len']:.0f} in prune)"
+                                                    if at_prune else "")
+            cells = [name if first else "", flops if first else "",
                      _count(m["params"]) if first else ""]
             if row is None:
                 cells += [""] * 8
@@ -746,5 +767,6 @@ def render_table(report: BenchReport | dict[str, Any]):  # -> rich.table.Table
         table.add_section()
     machine = data.get("machine", {})
     table.caption = (f"{machine.get('cpu', '')} · {settings.get('ort_threads')} ORT threads · "
-                     f"{settings['repeats']} repeats after {settings['warmup']} warm-up · FLOPs kept vs dense")
+                     f"{settings['repeats']} repeats after {settings['warmup']} warm-up · FLOPs kept vs dense at sequence length "
+                     f"{settings['seq_len']} (prune counts at the mean calibration length)")
     return table

@@ -203,3 +203,28 @@ def test_bench_labels_model_states_and_warns_about_an_untrained_baseline_head(tm
     console.print(render_table(report))
     text = console.export_text()
     assert "dense (baseline) · untrained head" in text and "tuned · fine-tuned" in text
+
+
+def test_bench_prints_the_flops_ratio_prune_reported_beside_its_own(tmp_path, shared_data, minilm_path):
+    """prune counts FLOPs at the mean calibration length, bench at its --seq-len: both are shown, labelled."""
+    import ppkit
+    from ppkit.bench import benchmark, render_table
+    from ppkit.models import load_tokenizer
+
+    tok = load_tokenizer(minilm_path)
+    model = make_tiny_bert("BertModel", vocab_size=tok.vocab_size, max_position_embeddings=128)
+    result = ppkit.prune(model, tokenizer=tok, task="sst2", data=shared_data / "glue" / "SST-2", flops=0.6, samples=16,
+                         out=tmp_path / "pruned", plot=False, progress=False)
+    report = benchmark([tmp_path / "pruned"], batch_sizes=[1], seq_len=64, repeats=1, warmup=0, backend="torch")
+
+    flops = report.models[0].flops
+    assert flops["at_prune"] == {"ratio": pytest.approx(result.report["flops_ratio"]),
+                                 "seq_len": pytest.approx(result.report["flops_seq_len"])}
+    assert flops["seq_len"] == 64 and flops["ratio"] != pytest.approx(result.report["flops_ratio"], abs=1e-4)
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(render_table(report))
+    text = console.export_text()
+    assert "FLOPs @64" in text
+    assert f"({result.report['flops_ratio']:.1%} @{result.report['flops_seq_len']:.0f} in prune)" in text

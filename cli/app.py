@@ -98,6 +98,7 @@ def prune(
     compensate: Compensation = typer.Option(Compensation.none, "--compensate", help="Fold what pruned units did into the kept weights: none (paper), lstsq or merge."),
     compensate_tokens: str = typer.Option("2048", "--compensate-tokens", help="Calibration tokens the compensation is fitted and judged on, or 'all' (more: closer fit, slower; see benchmarks/README.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration batch size."),
+    multiple_of: int = typer.Option(1, "--multiple-of", help="Keep every layer's FFN width a multiple of N (e.g. 8 or 64 for fast matmuls), inside the budget; 1: off."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write plan.png (kept heads grid, kept neurons per layer)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickled .bin weights (pickle can run code: only for files you trust)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (the table goes to stderr)."),
@@ -123,7 +124,7 @@ def prune(
         max_length=max_length, tokens=tokens, lambda_=lambda_, seed=seed, flops_seq_len=flops_seq_len,
         options=options, compensate=compensate.value,
         compensate_tokens=compensate_tokens, out=out_dir, overwrite=overwrite, plot=plot,
-        progress=not quiet, allow_pickle=allow_pickle, batch_size=batch_size,
+        progress=not quiet, allow_pickle=allow_pickle, batch_size=batch_size, multiple_of=multiple_of,
     )
     (stderr if as_json else stdout).print(summary_table(result.report))
     stderr.print(f"[green]saved[/] {escape(str(out_dir))}  (load with ppkit.load_pruned({escape(repr(str(out_dir)))}))", soft_wrap=True)

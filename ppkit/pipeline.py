@@ -121,6 +121,7 @@ def prune(
     tokenizer: Any = None,
     allow_pickle: bool = False,
     batch_size: int = 32,
+    multiple_of: int = 1,
 ) -> PruneResult:
     """Prune a pre-trained BERT or GPT-2 to ``flops`` of its FLOPs with a registered strategy.
 
@@ -129,7 +130,8 @@ def prune(
     When ``out`` is given, the pruned model, ``plan.json``, ``report.json`` and ``plan.png`` are
     written there atomically (an existing directory is refused unless ``overwrite``).
     ``compensate`` (none | lstsq | merge) corrects the kept weights from the moments of
-    ``compensate_tokens`` sampled calibration tokens (``"all"``/None: every token).
+    ``compensate_tokens`` sampled calibration tokens (``"all"``/None: every token). ``multiple_of``
+    N > 1 makes every layer's kept FFN width a multiple of N inside the budget (:mod:`ppkit.align`).
     """
     from . import registry
     from .adapters import get_adapter
@@ -154,6 +156,8 @@ def prune(
     if compensate not in COMPENSATIONS:
         raise InputError(f"--compensate must be one of {', '.join(COMPENSATIONS)}, got {compensate!r}")
     moment_tokens = parse_tokens(compensate_tokens, option="--compensate-tokens")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise InputError(f"--multiple-of must be a positive integer, got {multiple_of!r}")
     if flops_seq_len is not None and not flops_seq_len > 0:
         raise InputError(f"--flops-seq-len must be positive, got {flops_seq_len}")
     out_dir = Path(out) if out is not None else None
@@ -202,6 +206,14 @@ def prune(
             seq_len=seq_len, lambda_=float(lambda_), seed=seed, options=dict(options or {}),
         )
         plan = registry.run_strategy(strategy, ctx)
+        if multiple_of > 1:
+            from .align import align_plan
+
+            scores = [layer.neuron_abs_mean for layer in stats.layers] if stats is not None else None
+            aligned = align_plan(plan, multiple_of, shape, seq_len, budget, scores)
+            if aligned.layers != plan.layers:
+                ctx.artifacts.pop("assignments", None)  # cluster -> kept unit maps no longer hold
+            plan = aligned
 
     compensation_report: dict[str, Any] = {"method": compensate}
     if compensate != "none":
@@ -239,6 +251,7 @@ def prune(
         "max_length": calib.max_length,
         "tokens": "all" if n_tokens is None else n_tokens,
         "lambda": float(lambda_),
+        "multiple_of": multiple_of,
         "flops_budget": budget,
         "flops_ratio": achieved.ratio,
         "flops_seq_len": seq_len,

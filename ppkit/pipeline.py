@@ -173,9 +173,13 @@ def prune(
             if tokenizer is None:
                 raise InputError("pass tokenizer=... when giving prune() a loaded model")
         else:
-            net = load_model(model, head=pruning_head(model), allow_pickle=allow_pickle)
+            head = pruning_head(model)
+            net = load_model(model, head=head, allow_pickle=allow_pickle)
             tokenizer = tokenizer or load_tokenizer(model)
         net.eval()
+        from .export import infer_head
+
+        head = infer_head(net)
         adapter = get_adapter(net)
         shape = adapter.shape()
         if not shape.is_dense:
@@ -240,6 +244,9 @@ def prune(
     report: dict[str, Any] = {
         "model": model_name,
         "family": shape.family,
+        "head": head,
+        # a task head (classifier, QA) is trained: the source was fine-tuned, and the head is kept
+        "source_fine_tuned": head in ("sequence-classification", "question-answering", "token-classification"),
         "task": spec.name,
         "data": calib.source,
         "strategy": strategy,

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import ppkit
 from conftest import SHARED, make_tiny_bert
 from rich.console import Console
 
+import ppkit
 from ppkit.pipeline import prune
 from ppkit.report import summary_table
 

@@ -195,3 +195,13 @@ def test_example_plugin_requires_this_distribution_not_the_unrelated_ppkit(tmp_p
     report = json.loads((tmp_path / "report.json").read_text())
     assert [item["metadata"]["name"] for item in report["install"]] == ["ppkit-magnitude"]
     assert any(req.startswith("ppkit-prune") for req in report["install"][0]["metadata"]["requires_dist"])
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject lists packages explicitly (cli/ and plugins/ install as ppkit.cli / ppkit.plugins), so a new
+    subpackage must be added there or the wheel silently lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"ppkit." + p.parent.name for p in (REPO / "ppkit").glob("*/__init__.py")} | {"ppkit", "ppkit.cli", "ppkit.plugins"}
+    assert found <= listed, sorted(found - listed)

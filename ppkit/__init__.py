@@ -29,7 +29,7 @@ _EXPORTS = {
     "load_model": "ppkit.models",
     "load_tokenizer": "ppkit.models",
     "save_pruned": "ppkit.saving",
-    "load_pruned": "ppkit.saving",
+    "load_pruned": "ppkit.models",
     "collect_statistics": "ppkit.statistics",
     "list_strategies": "ppkit.registry",
     "export_onnx": "ppkit.export",

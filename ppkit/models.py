@@ -1,4 +1,5 @@
-"""Loading pre-trained (or ppkit-pruned) BERT / GPT-2 models and their tokenizers.
+"""Loading pre-trained, fine-tuned or ppkit-pruned BERT / GPT-2 models and their tokenizers (writing a
+pruned model is :mod:`ppkit.saving`'s job).
 
 Local directories are preferred; a hub name is used from the local cache or, when the hub is
 reachable, downloaded. Without network a hub name fails fast with :class:`ModelLoadError` (the
@@ -8,31 +9,196 @@ hub client would otherwise retry for ~25 s). Pickled ``.bin`` weights are refuse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from torch import nn
 
+from . import modeling_pruned
 from .adapters import FAMILIES, get_adapter, supported_classes
-from .errors import InputError, ModelLoadError, UnsupportedModelError
-from .saving import (
-    HEAD_CLASSES,
-    WEIGHT_ERRORS,
-    class_for_head,
-    damaged_hint,
-    is_pruned_dir,
-    load_pruned,
-    one_line,
-    quiet_transformers,
-)
+from .errors import InputError, ModelLoadError, PlanError, UnsupportedModelError
+from .plan import PruningPlan
 
 log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+#: load_model/load_pruned head names -> transformers class name per family
+HEAD_CLASSES: dict[str, dict[str, str]] = {
+    "bert": {
+        "base": "BertModel",
+        "sequence-classification": "BertForSequenceClassification",
+        "question-answering": "BertForQuestionAnswering",
+        "masked-lm": "BertForMaskedLM",
+        "token-classification": "BertForTokenClassification",
+    },
+    "gpt2": {
+        "base": "GPT2Model",
+        "causal-lm": "GPT2LMHeadModel",
+        "sequence-classification": "GPT2ForSequenceClassification",
+        "question-answering": "GPT2ForQuestionAnswering",
+    },
+}
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and load reports while ppkit loads or saves.
+
+    ppkit reports progress itself, and a freshly initialised task head on a pre-trained body is
+    expected here, so the multi-line "LOAD REPORT" table is noise for a ppkit user.
+    """
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def class_for_head(family: str, head: str) -> str:
+    """transformers class name for ``head`` in ``family``; :class:`~ppkit.errors.InputError` if unavailable."""
+    from .errors import InputError
+
+    heads = HEAD_CLASSES.get(family)
+    if heads is None:
+        raise InputError(f"unknown model family {family!r}; known: {', '.join(HEAD_CLASSES)}")
+    if head not in heads:
+        raise InputError(f"head {head!r} is not available for {family} models; available: {', '.join(heads)}")
+    return heads[head]
+
+
+def is_pruned_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory saved by :func:`save_pruned`."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "ppkit_heads_per_layer" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_pruned(path: str | Path, head: str | None = None, num_labels: int | None = None, **kwargs: Any) -> nn.Module:
+    """Load a directory written by :func:`save_pruned` (eval mode).
+
+    ``head`` (same names as :func:`ppkit.models.load_model`) loads the pruned body under another task
+    head, e.g. a pruned pre-trained ``BertModel`` as ``"sequence-classification"`` for fine-tuning
+    (the new head is randomly initialised); by default the saved class is used. ``kwargs`` go to
+    ``from_pretrained``. Raises :class:`ModelLoadError` if the directory is missing or unreadable and
+    :class:`PlanError` if it is not a ppkit-pruned model.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not path.is_dir():
+        raise ModelLoadError(f"pruned model directory not found: {path}")
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_path}: {exc}") from exc
+    if "ppkit_heads_per_layer" not in config or "ppkit_neurons_per_layer" not in config:
+        raise PlanError(f"{path} is not a ppkit-pruned model (config.json has no ppkit_heads_per_layer); use load_model")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ModelLoadError(f"{path} has no {WEIGHTS_FILE}")
+    family = config.get("ppkit_family") or config.get("model_type")
+    if head is None:
+        archs = config.get("architectures") or []
+        cls_name = archs[0].removeprefix("Ppkit") if archs else class_for_head(family, "base")
+    else:
+        cls_name = class_for_head(family, head)
+    cls = modeling_pruned.PPKIT_CLASSES.get(cls_name)
+    if cls is None:
+        raise ModelLoadError(f"{path}: saved class {cls_name!r} is not one ppkit can load")
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    try:
+        with quiet_transformers():
+            model = cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except WEIGHT_ERRORS as exc:
+        raise ModelLoadError(f"cannot load the pruned model in {path}: {one_line(exc)}{damaged_hint(exc)}") from exc
+    shape = get_adapter(model).shape()
+    if list(shape.heads_per_layer) != list(config["ppkit_heads_per_layer"]) or list(shape.neurons_per_layer) != list(
+        config["ppkit_neurons_per_layer"]
+    ):
+        raise ModelLoadError(f"{path}: the loaded model does not have the sizes recorded in config.json")
+    if (path / PLAN_FILE).is_file():
+        check_saved_plan(path / PLAN_FILE, shape)
+    return model.eval()
+
+
+def _weight_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, ValueError, RuntimeError, KeyError, EOFError]
+    try:  # a truncated or garbled safetensors file raises safetensors' own error type
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors comes with transformers
+        pass
+    return tuple(errors)
+
+
+#: what loading damaged weights raises (turned into ModelLoadError by the loaders)
+WEIGHT_ERRORS = _weight_errors()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers' messages span several)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def damaged_hint(exc: BaseException) -> str:
+    """A hint for errors that mean the weights file itself is damaged (truncated copy, disk full)."""
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name == "SafetensorError" or "deserializ" in text or "incomplete" in text or "truncat" in text:
+        return " (the weights file is damaged or truncated: copy or re-create the model directory)"
+    return ""
+
+
+def check_saved_plan(plan_path: Path, shape: Any) -> PruningPlan:
+    """Read ``plan.json`` beside pruned weights and check it against the loaded model's shape.
+
+    A plan edited by hand into something invalid (out-of-range or unsorted indices, wrong layer
+    count, counts that differ from the weights) raises :class:`PlanError` naming the file, instead
+    of being trusted by whatever reads the plan later (reports, export, fine-tuning).
+    """
+    try:
+        plan = PruningPlan.from_json(plan_path)
+    except PlanError as exc:
+        raise PlanError(f"{plan_path} is not a valid pruning plan: {exc}; restore the file or delete it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"cannot read {plan_path}: {exc}") from None
+    try:
+        plan.validate(shape.num_layers, shape.num_heads, shape.ffn_dim)
+    except PlanError as exc:
+        raise PlanError(f"{plan_path} does not fit the saved model: {exc}; restore the file or delete it") from None
+    if plan.heads_per_layer != list(shape.heads_per_layer) or plan.neurons_per_layer != list(shape.neurons_per_layer):
+        raise PlanError(
+            f"{plan_path} does not match the saved weights: it keeps {plan.heads_per_layer} heads / "
+            f"{plan.neurons_per_layer} neurons per layer, the weights have {list(shape.heads_per_layer)} / "
+            f"{list(shape.neurons_per_layer)}; restore the file or delete it"
+        )
+    return plan
+
+
 
 HEADS = ("base", "sequence-classification", "question-answering", "causal-lm", "masked-lm", "token-classification")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -163,7 +329,7 @@ def load_model(
     ``head`` picks the task head: "base", "sequence-classification", "question-answering",
     "causal-lm" (GPT-2), "masked-lm" (BERT) or "token-classification"; a head missing from the
     checkpoint is newly initialised (``num_labels`` outputs for classification). A directory written by
-    :func:`ppkit.saving.save_pruned` is loaded with :func:`ppkit.saving.load_pruned`. Raises
+    :func:`ppkit.saving.save_pruned` is loaded with :func:`ppkit.models.load_pruned`. Raises
     :class:`ModelLoadError` (missing path, not a model directory, offline hub name, pickled weights
     without ``allow_pickle``), :class:`UnsupportedModelError` (other architectures) or
     :class:`InputError` (unknown head). ``pooling`` ("cls" or "mean", BERT sequence classification

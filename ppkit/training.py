@@ -5,7 +5,7 @@ pre-trained or pruned body; a pruned directory keeps its pruned structure), trai
 paper's setting (evaluate and save every epoch, keep the best epoch by the task metric — loss for LM —
 ``load_best_model_at_end``, ``save_total_limit=1``), records each epoch's metrics and wall time, and
 writes the best model through :func:`ppkit.saving.save_pruned` plus ``finetune.json``, so the result
-loads with :func:`ppkit.saving.load_pruned` and with plain transformers (``trust_remote_code``).
+loads with :func:`ppkit.models.load_pruned` and with plain transformers (``trust_remote_code``).
 
 It runs unchanged under ``torchrun --nproc_per_node N`` (CUDA/NCCL or CPU/gloo): ``batch_size`` is the
 global batch (split over processes), every process trains, only rank 0 writes the output.
@@ -374,12 +374,17 @@ def finetune(
     task metric (loss for LM) is kept. Rank 0 writes ``out_dir`` atomically (model, tokenizer,
     ``plan.json`` if any, ``finetune.json``); trainer checkpoints go to ``checkpoint_dir`` (default: a
     hidden directory beside ``out_dir``) and are removed at the end."""
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
-
-    from ppkit.saving import atomic_output_dir, save_pruned
+    from transformers import (
+        PrinterCallback,
+        ProgressCallback,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     from ppkit.distill import DistillSettings, distillation_trainer, load_teacher
     from ppkit.recipe import default_recipe
+    from ppkit.saving import atomic_output_dir, save_pruned
 
     spec = get_task(task)
     _check_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, warmup_ratio=warmup_ratio,

@@ -11,8 +11,9 @@ from conftest import make_tiny_bert, make_tiny_gpt2, plan_for
 from ppkit.adapters import get_adapter
 from ppkit.compensate import collect_moments, compensate_model
 from ppkit.masking import apply_masks
+from ppkit.models import load_pruned
 from ppkit.plan import LayerPlan, PruningPlan
-from ppkit.saving import load_pruned, save_pruned
+from ppkit.saving import save_pruned
 from ppkit.surgery import prune_model
 
 

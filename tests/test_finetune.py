@@ -126,8 +126,9 @@ def test_qa_finetune_scores_with_squad_metrics(tmp_path, shared_data, bert_tok, 
 def test_torchrun_two_cpu_processes_pruned_model(tmp_path, shared_data, bert_tok):
     from conftest import make_tiny_bert
 
+    from ppkit.models import load_pruned
     from ppkit.plan import LayerPlan, PruningPlan
-    from ppkit.saving import load_pruned, save_pruned
+    from ppkit.saving import save_pruned
     from ppkit.surgery import prune_model
 
     model = make_tiny_bert("BertModel", vocab_size=bert_tok.vocab_size)

@@ -14,15 +14,21 @@ import torch
 from conftest import make_tiny_bert, plan_for, tiny_bert_config
 
 from ppkit.data import load_task_dataset
-from ppkit.distill import DistillSettings, distillation_trainer, hidden_loss, prediction_loss
+from ppkit.distill import (
+    DistillSettings,
+    distillation_trainer,
+    hidden_loss,
+    prediction_loss,
+)
 from ppkit.errors import InputError
-from ppkit.training import evaluate_model, finetune, init_head, predict
 from ppkit.masking import apply_masks
 from ppkit.modeling_pruned import PpkitBertForSequenceClassification, mean_pool
+from ppkit.models import load_pruned
 from ppkit.recipe import default_recipe
-from ppkit.saving import load_pruned, save_pruned
+from ppkit.saving import save_pruned
 from ppkit.surgery import prune_model
 from ppkit.tasks import get_task
+from ppkit.training import evaluate_model, finetune, init_head, predict
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,17 @@ import torch
 from conftest import SHARED, make_tiny_bert, make_tiny_gpt2, plan_for
 
 from ppkit.adapters import get_adapter
-from ppkit.errors import InputError, ModelLoadError, OutputError, PlanError, UnsupportedModelError
+from ppkit.errors import (
+    InputError,
+    ModelLoadError,
+    OutputError,
+    PlanError,
+    UnsupportedModelError,
+)
 from ppkit.masking import apply_masks
-from ppkit.models import load_model, load_tokenizer
+from ppkit.models import is_pruned_dir, load_model, load_pruned, load_tokenizer
 from ppkit.plan import PruningPlan
-from ppkit.saving import atomic_output_dir, is_pruned_dir, load_pruned, save_pruned
+from ppkit.saving import atomic_output_dir, save_pruned
 from ppkit.surgery import prune_model
 
 TOL = 1e-5

@@ -26,7 +26,7 @@ from .encoding import (
 )
 from .reading import load_split
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ppkit.data")  # one name for the package's warnings, as users see them
 
 
 @dataclass

@@ -17,7 +17,7 @@ from ppkit.tasks import TaskSpec, get_task
 
 from .reading import load_split, split_name
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ppkit.data")  # one name for the package's warnings, as users see them
 
 
 LM_CHUNK_LINES = 1000  # reference data.py: texts are joined into blocks per 1000-line map chunk

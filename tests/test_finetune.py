@@ -178,3 +178,38 @@ def test_torchrun_two_cpu_processes_pruned_model(tmp_path, shared_data, bert_tok
         torch.testing.assert_close(plain(**batch).logits, tuned(**batch).logits)
     # and it is the best epoch's model
     assert evaluate_model(tuned, dev)["accuracy"] == pytest.approx(r0["best_metric"])
+
+
+def test_torchrun_two_cpu_processes_with_a_teacher(tmp_path, shared_data, bert_tok):
+    """Distillation runs unchanged under torchrun: each process holds the teacher, both ranks agree."""
+    from conftest import make_tiny_bert
+
+    from ppkit.plan import LayerPlan, PruningPlan
+    from ppkit.saving import save_pruned
+    from ppkit.surgery import prune_model
+
+    teacher = tmp_path / "teacher"
+    make_tiny_bert("BertForSequenceClassification", vocab_size=bert_tok.vocab_size, seed=1).save_pretrained(teacher)
+    model = make_tiny_bert("BertModel", vocab_size=bert_tok.vocab_size)
+    plan = PruningPlan(layers=[LayerPlan(heads=(0, 2), neurons=tuple(range(0, 64, 2))),
+                               LayerPlan(heads=(), neurons=tuple(range(10))),
+                               LayerPlan(heads=(1, 2, 3), neurons=tuple(range(64)))], num_heads=4, ffn_dim=64)
+    prune_model(model, plan)
+    pruned = save_pruned(model, tmp_path / "pruned", plan=plan, tokenizer=bert_tok)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "finetune_launch.py"), str(pruned), str(shared_data / "glue" / "SST-2"),
+           str(tmp_path / "out"), str(tmp_path / "res"), str(teacher)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"res.rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["dist"] == 2 and [e["metrics"] for e in r0["epochs"]] == [e["metrics"] for e in r1["epochs"]]
+    assert r0["settings"]["teacher"] == str(teacher)
+    assert r0["settings"]["distill"] == {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.5}

@@ -313,6 +313,7 @@ def bench(
     quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure task quality (needs --task)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime / torch intra-op threads (default: all available cores)."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the JSON report to this file."),
+    int8: bool = typer.Option(False, "--int8", help="Also time (and score) each model's onnxruntime int8 variant in the same rounds; a quality-vs-latency plot goes beside --plot."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency and quality vs FLOPs ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout (the table goes to stderr)."),
 ) -> None:
@@ -330,8 +331,7 @@ def bench(
     report = benchmark(
         models, baseline=baseline, task=task, data=data, batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
         seq_len=seq_len, device=device, backend=backend, repeats=repeats, warmup=warmup,
-        eval_limit=eval_limit, json_out=json_out, plot=plot, progress=True, quality=quality, threads=threads,
-    )
+        eval_limit=eval_limit, json_out=json_out, plot=plot, progress=True, quality=quality, threads=threads, int8=int8)
     (stderr if as_json else stdout).print(render_table(report))
     if as_json:
         _emit_json(report.to_dict())

@@ -112,6 +112,7 @@ class ModelResult:
     quality: dict[str, float] | None = None
     export: dict[str, Any] | None = None
     state: str = "in memory"  # pre-trained / fine-tuned / untrained head / in memory (see model_state)
+    precision: str = "fp32"  # or "int8" (onnxruntime dynamic quantization of the same model)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -227,6 +228,8 @@ class _Loaded:
     model: nn.Module
     tokenizer: Any = None
     state: str = "in memory"
+    precision: str = "fp32"  # "int8": the same model as onnxruntime's dynamic int8 quantization
+    session: Any = None  # its onnxruntime session, once exported
 
 
 def model_state(source: str | Path, head: str) -> str:
@@ -431,6 +434,28 @@ def evaluate_quality(
     return result
 
 
+def evaluate_quality_ort(session: Any, model: nn.Module, tokenizer: Any, task: str, *,
+                         data: str | Path | None = None, limit: int | None = None,
+                         batch_size: int = 32) -> dict[str, float] | None:
+    """Dev metrics of an onnxruntime session of ``model``'s export (sentence classification / regression
+    tasks; None for others, whose int8 quality is not measured)."""
+    from .data import load_task_dataset
+    from .metrics import compute_task_metrics, model_max_positions
+    from .tasks import get_task
+
+    spec = get_task(task)
+    if spec.kind not in ("classification", "regression") or session is None:
+        return None
+    dataset = load_task_dataset(spec, tokenizer, "dev", data=data, limit=limit, max_positions=model_max_positions(model))
+    names = input_names_for(model)
+    collate = dataset.collator(tokenizer)
+    logits = [session.run(["logits"], {n: batch[n].numpy() for n in names})[0]
+              for batch in (collate(dataset.features[i:i + batch_size]) for i in range(0, len(dataset), batch_size))]
+    result = {k: float(v) for k, v in compute_task_metrics(spec, np.concatenate(logits), dataset.references).items()}
+    result["examples"] = float(dataset.num_examples)
+    return result
+
+
 def pruned_at(source: str | Path) -> dict[str, float] | None:
     """The FLOPs ratio ``ppkit prune`` reported for a pruned directory and the sequence length it was
     counted at (the mean calibration length), or None. bench counts at its own ``seq_len``; the two
@@ -452,6 +477,7 @@ def _describe(entry: _Loaded, role: str, seq_len: int) -> ModelResult:
     flops["at_prune"] = pruned_at(entry.source)
     return ModelResult(
         state=entry.state,
+        precision=entry.precision,
         name=entry.name,
         source=entry.source,
         role=role,
@@ -491,10 +517,14 @@ def measure_latency(
         if "ort" in backends:
             bar.stage("export to ONNX", len(loaded))
             for i, (entry, res) in enumerate(zip(loaded, results)):
-                rep = export_onnx(entry.model.cpu(), out_dir / f"{i:02d}-{_safe(entry.name)}.onnx")
+                rep = export_onnx(entry.model.cpu(), out_dir / f"{i:02d}-{_safe(entry.name)}.onnx",
+                                  quantize="int8" if entry.precision == "int8" else None,
+                                  int8_min_cosine=-1.0)  # bench scores the int8 model itself; an untrained
+                # head's near-zero logits would fail the export's output-cosine guard
                 entry.model.to(device)
                 res.export = rep.to_dict()
-                sessions.append(ort_session(rep.path, device=device, threads=threads, spinning=spinning))
+                entry.session = ort_session(rep.path, device=device, threads=threads, spinning=spinning)
+                sessions.append(entry.session)
                 bar.advance()
         saved_threads = torch.get_num_threads()
         try:
@@ -546,6 +576,7 @@ def benchmark(
     onnx_dir: str | Path | None = None,
     ort_spinning: bool = False,
     progress: bool = False,
+    int8: bool = False,
 ) -> BenchReport:
     """Measure latency (p50/p90/mean over ``repeats`` timed calls after ``warmup``), throughput and
     speedup against ``baseline`` for each model, backend ("ort", "torch" or "both") and batch size at
@@ -558,7 +589,9 @@ def benchmark(
     ``device="cuda"`` uses torch CUDA / onnxruntime's CUDAExecutionProvider and raises
     :class:`InputError` when they are missing. ORT sessions use ``threads`` intra-op threads (default:
     the available cores; thread spinning off unless ``ort_spinning``, see :func:`ppkit.export.ort_session`).
-    ONNX files go to a temporary directory unless ``onnx_dir`` is given.
+    ONNX files go to a temporary directory unless ``onnx_dir`` is given. ``int8`` adds, for every model
+    and the baseline, its onnxruntime int8 variant (:mod:`ppkit.quantize`), timed in the same rounds;
+    its quality is measured in onnxruntime (sentence classification / regression tasks).
     Writes the report as JSON to ``json_out`` and a PNG to ``plot`` when given.
     """
     started = time.perf_counter()
@@ -579,6 +612,8 @@ def benchmark(
         raise InputError(f"{len(names)} names for {len(models)} models")
     if eval_limit is not None and eval_limit < 1:
         raise InputError(f"eval_limit must be a positive integer, got {eval_limit}")
+    if int8 and backends != ["ort"]:
+        raise InputError("int8 variants run in onnxruntime: use backend 'ort'")
     from .saving import check_output_file
 
     for path, flag in ((json_out, "json_out"), (plot, "plot")):
@@ -605,6 +640,9 @@ def benchmark(
     if baseline is not None:
         for entry in loaded[1:]:
             check_compatible(loaded[0].model, entry.model, (loaded[0].name, entry.name))
+    if int8:  # each model's int8 variant right after it: the baseline stays first
+        loaded = [v for e in loaded for v in (e, _Loaded(f"{e.name} · int8", e.source, e.model, e.tokenizer, e.state, "int8"))]
+        roles = [r for role in roles for r in (role, "model")]
     for entry in loaded:
         entry.model.to(device)
         limit = max_sequence_length(entry.model)
@@ -615,7 +653,7 @@ def benchmark(
     notes = []
     if task_spec is not None and quality:
         for res in results:
-            if res.state == "untrained head":
+            if res.state == "untrained head" and res.precision == "fp32":
                 notes.append(f"{res.role} {res.name} has an untrained {task_spec.name} head, so its quality is chance "
                              f"level; compare against a fine-tuned dense model (ppkit finetune DENSE --task "
                              f"{task_spec.name} --out DENSE-FT, then --baseline DENSE-FT)")
@@ -634,8 +672,12 @@ def benchmark(
         if task_spec is not None and quality:
             bar.stage(f"quality on {task_spec.name}", len(loaded))
             for entry, res in zip(loaded, results):
-                res.quality = evaluate_quality(entry.model, entry.tokenizer, task_spec.name, data=data,
-                                               limit=eval_limit, device=device)
+                if entry.precision == "int8":
+                    res.quality = evaluate_quality_ort(entry.session, entry.model, entry.tokenizer, task_spec.name,
+                                                       data=data, limit=eval_limit)
+                else:
+                    res.quality = evaluate_quality(entry.model, entry.tokenizer, task_spec.name, data=data,
+                                                   limit=eval_limit, device=device)
                 bar.advance()
     finally:
         bar.stop()
@@ -654,7 +696,9 @@ def benchmark(
         "task": task_spec.name if task_spec else None,
         "main_metric": _main_metric(task_spec),
         "eval_limit": eval_limit,
-        "quality_backend": "torch" if task_spec is not None and quality else None,
+        "quality_backend": ("torch (int8 variants: onnxruntime)" if int8 else "torch")
+        if task_spec is not None and quality else None,
+        "int8": int8,
         "baseline": results[0].name if baseline is not None else None,
         "notes": notes,
     }
@@ -742,7 +786,7 @@ def render_table(report: BenchReport | dict[str, Any]):  # -> rich.table.Table
         table.add_column(main, justify="right", no_wrap=True)
     for m in data["models"]:
         name = m["name"] + (" (baseline)" if m["role"] == "baseline" and m["name"] != "baseline" else "")
-        if m.get("state"):
+        if m.get("state") and m.get("precision", "fp32") == "fp32":
             name += f" · {m['state']}"
         quality = ""
         if main and m.get("quality") and main in m["quality"]:

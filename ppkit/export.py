@@ -253,6 +253,7 @@ def export_onnx(
     overwrite: bool = False,
     quantize: str | None = None,
     optimize: bool = False,
+    int8_min_cosine: float | None = None,
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
 
@@ -267,7 +268,8 @@ def export_onnx(
     :class:`ExportError` is raised when outputs differ from torch by more than ``atol``. The file is
     written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists. ``quantize="int8"``
     writes onnxruntime's dynamic int8 quantization of the checked fp32 graph instead (default file
-    ``model-int8.onnx``), checked against fp32 by output cosine (:mod:`ppkit.quantize`). ``optimize``
+    ``model-int8.onnx``), checked against fp32 by output cosine (at least ``int8_min_cosine``, default
+    :data:`ppkit.quantize.MIN_COSINE`; bench, which scores the int8 model itself, passes -1). ``optimize``
     applies onnxruntime's transformer fusions with each fused attention node's own head count
     (:mod:`ppkit.ort_optimize`), checked against the unfused graph (``atol``), before quantizing.
     """
@@ -338,7 +340,8 @@ def export_onnx(
                 fp32_file = tmp_file.with_name("fp32-" + tmp_file.name)
                 tmp_file.rename(fp32_file)
                 quantization = {"method": "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights)",
-                                **quantize_checked(fp32_file, tmp_file, outputs, feeds)}
+                                **quantize_checked(fp32_file, tmp_file, outputs, feeds, **(
+                                    {} if int8_min_cosine is None else {"min_cosine": int8_min_cosine}))}
                 fp32_file.unlink()
         _move_into_place(tmp_dir, target)
     finally:

@@ -130,4 +130,31 @@ def plot_bench(report: Mapping[str, Any], path: str | Path) -> Path:
     if main and quality:
         panels.append(dict(series=quality, ylabel=main, title=f"{report['settings'].get('task')} {main}"))
     settings = report.get("settings", {})
-    return plot_vs_flops(path, panels, suptitle=f"ppkit bench · seq {settings.get('seq_len')} · {settings.get('device')}")
+    out = plot_vs_flops(path, panels, suptitle=f"ppkit bench · seq {settings.get('seq_len')} · {settings.get('device')}")
+    if main and quality:
+        plot_pareto(report, Path(path).with_name(Path(path).stem + "-pareto.png"))
+    return out
+
+
+def plot_pareto(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Quality against latency, one point per model (and precision), one panel per batch size of the first
+    backend: the models up and to the left are the ones worth deploying."""
+    main = report["settings"]["main_metric"]
+    models = [m for m in report["models"] if m.get("quality") and main in m["quality"] and m["latency"]]
+    backend = models[0]["latency"][0]["backend"]
+    batches = sorted({row["batch_size"] for m in models for row in m["latency"] if row["backend"] == backend})
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for m in models:
+            row = next(r for r in m["latency"] if r["backend"] == backend and r["batch_size"] == batch)
+            marker = "s" if m.get("precision") == "int8" else "o"
+            ax.scatter(row["p50_ms"], m["quality"][main], marker=marker)
+            ax.annotate(m["name"], (row["p50_ms"], m["quality"][main]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel(f"p50 latency (ms), {backend} batch {batch}")
+        ax.set_ylabel(main)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"quality vs latency ({report['settings'].get('task')}; squares: int8)")
+    fig.tight_layout()
+    return save_figure(fig, path)

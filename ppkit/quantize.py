@@ -72,18 +72,20 @@ def compare_outputs(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
             cosines.extend((np.sum(ref * got, axis=1) / np.maximum(norm, 1e-12)).tolist())
             worst = max(worst, float(np.max(np.abs(ref - got))) if ref.size else 0.0)
     return {"min_cosine": float(min(cosines)), "mean_cosine": float(np.mean(cosines)), "max_abs_diff": worst,
-            "examples": len(cosines), "min_cosine_required": MIN_COSINE}
+            "examples": len(cosines)}
 
 
 def quantize_checked(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
-                     feeds: Sequence[dict[str, np.ndarray]], log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Quantize, compare with the fp32 graph, and raise :class:`ExportError` below ``MIN_COSINE``."""
+                     feeds: Sequence[dict[str, np.ndarray]], log: Callable[[str], None] | None = None,
+                     min_cosine: float = MIN_COSINE) -> dict[str, Any]:
+    """Quantize, compare with the fp32 graph, and raise :class:`ExportError` below ``min_cosine``."""
     quantize_int8(fp32_path, int8_path)
     stats = compare_outputs(fp32_path, int8_path, outputs, feeds)
     stats["fp32_bytes"] = fp32_path.stat().st_size
     stats["int8_bytes"] = int8_path.stat().st_size
-    if not stats["min_cosine"] >= MIN_COSINE:
-        raise ExportError(f"the int8 model's outputs drift from fp32 (cosine {stats['min_cosine']:.4f} < {MIN_COSINE}); "
+    stats["min_cosine_required"] = min_cosine
+    if not stats["min_cosine"] >= min_cosine:
+        raise ExportError(f"the int8 model's outputs drift from fp32 (cosine {stats['min_cosine']:.4f} < {min_cosine}); "
                           "export fp32 instead")
     if log is not None:
         log(f"int8 vs fp32: min cosine {stats['min_cosine']:.5f}, max |diff| {stats['max_abs_diff']:.3g}")

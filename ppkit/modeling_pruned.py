@@ -412,19 +412,38 @@ PPKIT_CLASSES: dict[str, type] = {
     "GPT2ForQuestionAnswering": PpkitGPT2ForQuestionAnswering,
 }
 
+def _pipeline_alias(cls: type) -> type:
+    """A subclass of a ``Ppkit*`` head class carrying the transformers class's *name*, for loading with
+    ``trust_remote_code``: pipelines compare the model's class name with the names their task supports
+    and log an error for any other, and transformers never adds a remote-code class on a built-in config
+    (``BertConfig``) to those names. The structure is the ``Ppkit*`` class's; the module says where it
+    comes from (``modeling_ppkit``)."""
+    name = cls.__name__.removeprefix("Ppkit")
+    return type(name, (cls,), {"__module__": __name__, "__qualname__": name, "__doc__": cls.__doc__})
+
+
+#: classes that ``auto_map`` points at under the transformers names (see ``_pipeline_alias``)
+PIPELINE_ALIASES: dict[str, type] = {
+    cls.__name__.removeprefix("Ppkit"): _pipeline_alias(cls)
+    for cls in (PpkitBertForSequenceClassification, PpkitBertForQuestionAnswering, PpkitBertForMaskedLM,
+                PpkitBertForTokenClassification, PpkitGPT2LMHeadModel, PpkitGPT2ForSequenceClassification,
+                PpkitGPT2ForQuestionAnswering)
+}
+globals().update(PIPELINE_ALIASES)  # module attributes, as auto_map's "modeling_ppkit.<name>" needs
+
 #: config.json ``auto_map`` per family (module name is the copied file, ``modeling_ppkit.py``)
 AUTO_MAP: dict[str, dict[str, str]] = {
     "bert": {
         "AutoModel": "modeling_ppkit.PpkitBertModel",
-        "AutoModelForSequenceClassification": "modeling_ppkit.PpkitBertForSequenceClassification",
-        "AutoModelForQuestionAnswering": "modeling_ppkit.PpkitBertForQuestionAnswering",
-        "AutoModelForMaskedLM": "modeling_ppkit.PpkitBertForMaskedLM",
-        "AutoModelForTokenClassification": "modeling_ppkit.PpkitBertForTokenClassification",
+        "AutoModelForSequenceClassification": "modeling_ppkit.BertForSequenceClassification",
+        "AutoModelForQuestionAnswering": "modeling_ppkit.BertForQuestionAnswering",
+        "AutoModelForMaskedLM": "modeling_ppkit.BertForMaskedLM",
+        "AutoModelForTokenClassification": "modeling_ppkit.BertForTokenClassification",
     },
     "gpt2": {
         "AutoModel": "modeling_ppkit.PpkitGPT2Model",
-        "AutoModelForCausalLM": "modeling_ppkit.PpkitGPT2LMHeadModel",
-        "AutoModelForSequenceClassification": "modeling_ppkit.PpkitGPT2ForSequenceClassification",
-        "AutoModelForQuestionAnswering": "modeling_ppkit.PpkitGPT2ForQuestionAnswering",
+        "AutoModelForCausalLM": "modeling_ppkit.GPT2LMHeadModel",
+        "AutoModelForSequenceClassification": "modeling_ppkit.GPT2ForSequenceClassification",
+        "AutoModelForQuestionAnswering": "modeling_ppkit.GPT2ForQuestionAnswering",
     },
 }

@@ -59,12 +59,17 @@ def test_slow_tokenizer_loads_from_a_pruned_directory(pruned_minilm):
 
 
 @pytest.mark.slow
-def test_pipeline_gives_named_labels(pruned_minilm, tmp_path):
+def test_pipeline_gives_named_labels_without_error_noise(pruned_minilm, tmp_path, capfd):
     from transformers.pipelines import pipeline  # sentence-transformers' import can shadow transformers.pipeline
 
     finetuned = tmp_path / "ft"
     ppkit.finetune(pruned_minilm, "sst2", data=SST2, out_dir=finetuned, train_limit=32, eval_limit=16, epochs=1,
                    progress=False)
+    capfd.readouterr()
     classify = pipeline("text-classification", model=str(finetuned), trust_remote_code=True, device="cpu")
     labels = {r["label"] for r in classify(TEXTS)}
     assert labels <= {"negative", "positive"} and labels
+    # pipelines check the class name; the remote-code class carries the transformers name for that
+    assert "is not supported for text-classification" not in capfd.readouterr().err
+    assert type(classify.model).__name__ == "BertForSequenceClassification"
+    assert type(classify.model).__module__.endswith("modeling_ppkit")

@@ -13,6 +13,7 @@ global batch (split over processes), every process trains, only rank 0 writes th
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -511,9 +512,16 @@ def _training_args(TrainingArguments, ckpt: Path, epochs: int, per_device: int, 
         report_to="none", disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
         label_names=["start_positions", "end_positions"] if spec.kind == "qa" else ["labels"],
     )
+    accepted = inspect.signature(TrainingArguments).parameters
+    if "warmup_ratio" in accepted and "train_sampling_strategy" not in accepted:  # transformers 4.x
+        kwargs["warmup_steps"] = 0
+        kwargs["warmup_ratio"] = float(warmup_ratio)  # 4.x wants an int number of steps there
     if spec.kind in ("classification", "regression"):
         # batches of similar lengths: far less padding on sentence(-pair) tasks, the same examples per epoch
-        kwargs["train_sampling_strategy"] = "group_by_length"
+        if "train_sampling_strategy" in accepted:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -208,6 +208,7 @@ def prune(
         ctx = registry.PruningContext(
             model=net, adapter=adapter, shape=shape, stats=stats, flops_budget=budget,
             seq_len=seq_len, lambda_=float(lambda_), seed=seed, options=dict(options or {}),
+            batches=calib.batches if "batches" in info.needs else None,
         )
         plan = registry.run_strategy(strategy, ctx)
         if multiple_of > 1:

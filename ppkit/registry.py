@@ -203,6 +203,8 @@ class Registry:
         who = f"strategy {name!r} (package {entry.package} {entry.version})"
         if "activations" in entry.strategy.needs and ctx.stats is None:
             raise InputError(f"{who} needs activation statistics, but the context has none")
+        if "batches" in entry.strategy.needs and ctx.batches is None:
+            raise InputError(f"{who} needs the calibration batches, but the context has none")
         try:
             plan = entry.strategy.prune(ctx)
         except PluginError:

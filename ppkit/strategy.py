@@ -27,7 +27,8 @@ class PruningContext:
 
     ``flops_budget`` is the fraction of the dense model's FLOPs to keep, counted at ``seq_len``
     tokens (the calibration mean non-padding length). ``lambda_`` is pruned FFN FLOPs / pruned MHA
-    FLOPs. ``stats`` is set when the strategy ``needs`` ``"activations"``. ``options`` carries the
+    FLOPs. ``stats`` is set when the strategy ``needs`` ``"activations"``, ``batches`` when it needs
+    ``"batches"``. ``options`` carries the
     strategy options from the CLI / API (e.g. ``linkage``, ``threshold``, ``step``, ``selection``);
     a strategy ignores keys it does not know.
     """
@@ -41,6 +42,8 @@ class PruningContext:
     lambda_: float = 5.0
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    #: the calibration batches (model inputs), set when the strategy ``needs`` ``"batches"``
+    batches: list[dict[str, Any]] | None = None
     #: by-products a strategy may leave for the core. Known key: ``"assignments"``, used by
     #: ``--compensate merge``: {(layer, "attention" | "ffn"): {pruned unit: kept unit of its cluster}}
     artifacts: dict[str, Any] = field(default_factory=dict)

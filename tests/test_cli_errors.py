@@ -149,7 +149,7 @@ def test_unknown_task(ws, tmp_path, capsys):
 def test_unknown_strategy_lists_available(ws, tmp_path, capsys):
     out = tmp_path / "out"
     r = run_cli(prune_args(ws, out, strategy="magic"), capsys)
-    assert_user_error(r, "unknown strategy 'magic'; available strategies: dual-cp, kcm, random, worst", out)
+    assert_user_error(r, "unknown strategy 'magic'; available strategies: dual-cp, fisher, kcm, random, worst", out)
 
 
 # ---------------------------------------------------------------------------------------------- budget

@@ -21,7 +21,7 @@ from ppkit.plan import LayerPlan, PruningPlan
 from ppkit.registry import PruningContext, Registry, Strategy
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTINS = {"dual-cp", "kcm", "random", "worst"}
+BUILTINS = {"dual-cp", "fisher", "kcm", "random", "worst"}
 
 
 def test_builtins_come_from_entry_points():
@@ -33,7 +33,7 @@ def test_builtins_come_from_entry_points():
 
 
 def test_unknown_strategy_lists_available():
-    with pytest.raises(InputError, match=r"unknown strategy 'nope'; available strategies: dual-cp, kcm, random, worst"):
+    with pytest.raises(InputError, match=r"unknown strategy 'nope'; available strategies: dual-cp, fisher, kcm, random, worst"):
         Registry().get_strategy("nope")
 
 

@@ -1,0 +1,167 @@
+"""``fisher``: the Fisher-information mask search of Kwon et al. 2022 ("A Fast Post-Training Pruning
+Framework for Transformers"), for a model that already has a task head (a fine-tuned classifier or
+QA model, or GPT-2's LM head).
+
+1. **Importance.** Every head and FFN neuron gets a mask variable m = 1 (multiplying its context /
+   activation, as the paper's masks do); the diagonal Fisher information of the masks, the sum over
+   calibration examples of (dL_i / dm)^2, estimates the loss increase of removing each unit.
+2. **Mask search under the FLOPs budget.** Heads and neurons are ranked by importance over the whole
+   model; for every number h of kept heads, the most important heads are kept and the remaining budget
+   is filled with the most important neurons; the (h, n) that keeps the most total importance wins.
+
+Differences from the paper, on purpose: the calibration data here is unlabeled, so the loss of each
+example is taken at a label *sampled from the model's own prediction* (the true Fisher, rather than the
+empirical Fisher at the gold label; for regression, the prediction plus unit Gaussian noise); the
+paper's mask rearrangement and mask tuning (per-unit rescaling by least squares) are not implemented:
+``--compensate lstsq`` is ppkit's weight reconstruction. Per-example gradients, like the paper's, cost
+one forward and backward pass per calibration example (the ``examples`` option caps them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ppkit.errors import InputError
+from ppkit.flops import count_flops
+from ppkit.hookspecs import hookimpl
+from ppkit.plan import LayerPlan, PruningPlan
+from ppkit.strategy import PruningContext, Strategy
+
+
+def fisher_scores(model: nn.Module, adapter, batches, *, max_examples: int | None = None,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Diagonal Fisher of the head masks [layers, heads] and neuron masks [layers, ffn_dim] over the
+    examples of ``batches`` (each example alone, padding trimmed)."""
+    shape = adapter.shape()
+    heads = torch.ones(shape.num_layers, shape.num_heads, requires_grad=True)
+    neurons = torch.ones(shape.num_layers, shape.ffn_dim, requires_grad=True)
+    head_fisher = torch.zeros_like(heads)
+    neuron_fisher = torch.zeros_like(neurons)
+
+    handles = []
+    for layer in range(shape.num_layers):
+        handles.append(adapter.head_context_module(layer).register_forward_pre_hook(_head_hook(heads, layer, shape.head_dim)))
+        handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(_neuron_hook(neurons, layer)))
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            for row in range(batch["input_ids"].shape[0]):
+                if max_examples is not None and seen >= max_examples:
+                    break
+                length = int(batch["attention_mask"][row].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
+                example = {k: v[row:row + 1, :length] for k, v in batch.items() if v.dim() == 2}
+                loss = _sampled_label_loss(model(**example), generator)
+                heads.grad = neurons.grad = None
+                loss.backward()
+                head_fisher += heads.grad.detach() ** 2
+                neuron_fisher += neurons.grad.detach() ** 2
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return head_fisher.numpy().astype(np.float64), neuron_fisher.numpy().astype(np.float64)
+
+
+def _head_hook(heads: torch.Tensor, layer: int, head_dim: int):
+    def hook(module, args):
+        mask = heads[layer].repeat_interleave(head_dim)
+        return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
+    return hook
+
+
+def _neuron_hook(neurons: torch.Tensor, layer: int):
+    def hook(module, args):
+        return (args[0] * neurons[layer].to(args[0].dtype),) + tuple(args[1:])
+    return hook
+
+
+def _sampled_label_loss(out, generator: torch.Generator) -> torch.Tensor:
+    """-log p(y | x) at y sampled from the model's own predictive distribution."""
+    if getattr(out, "start_logits", None) is not None:  # extractive QA: a start and an end position
+        return sum(_categorical_nll(logits[0], generator) for logits in (out.start_logits, out.end_logits))
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        raise InputError("fisher needs a model with a task head (a fine-tuned classifier or QA model, or GPT-2's "
+                         "LM head): prune a fine-tuned checkpoint")
+    logits = logits[0]
+    if logits.dim() == 2:  # language model: a token per position, predicting the next one
+        return _categorical_nll(logits[:-1], generator)
+    if logits.shape[-1] == 1:  # regression: a Gaussian of unit variance around the prediction
+        target = logits.detach() + torch.randn(logits.shape, generator=generator)
+        return 0.5 * ((logits - target) ** 2).sum()
+    return _categorical_nll(logits, generator)
+
+
+def _categorical_nll(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=generator).reshape(logp.shape[:-1])
+    return -logp.gather(-1, target.unsqueeze(-1)).sum()
+
+
+def search_masks(head_scores: np.ndarray, neuron_scores: np.ndarray, shape, seq_len: float, budget: float) -> PruningPlan:
+    """Kwon et al.'s search: for every number of kept heads (most important first), fill the rest of the
+    FLOPs budget with the most important neurons; keep the split with the most total importance."""
+    L, H, N = shape.num_layers, shape.num_heads, shape.ffn_dim
+    head_order = np.argsort(-head_scores.ravel(), kind="stable")
+    neuron_order = np.argsort(-neuron_scores.ravel(), kind="stable")
+    head_gain = np.concatenate([[0.0], np.cumsum(head_scores.ravel()[head_order])])
+    neuron_gain = np.concatenate([[0.0], np.cumsum(neuron_scores.ravel()[neuron_order])])
+
+    def ratio(h: int, n: int) -> float:
+        per_head = np.bincount(head_order[:h] // H, minlength=L)
+        per_neuron = np.bincount(neuron_order[:n] // N, minlength=L)
+        return count_flops(shape, per_head.tolist(), per_neuron.tolist(), seq_len).ratio
+
+    best = None
+    for h in range(L * H + 1):
+        if ratio(h, 0) > budget * (1 + 1e-9):
+            break  # more heads only cost more
+        lo, hi = 0, L * N
+        while lo < hi:  # the most neurons that still fit
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ratio(h, mid) <= budget * (1 + 1e-9) else (lo, mid - 1)
+        kept = head_gain[h] + neuron_gain[lo]
+        if best is None or kept > best[0]:
+            best = (kept, h, lo)
+    if best is None:
+        raise InputError(f"no plan fits a FLOPs budget of {budget:g}")
+    _, h, n = best
+    heads = [sorted(int(i % H) for i in head_order[:h] if i // H == layer) for layer in range(L)]
+    neurons = [sorted(int(i % N) for i in neuron_order[:n] if i // N == layer) for layer in range(L)]
+    return PruningPlan([LayerPlan(tuple(a), tuple(b)) for a, b in zip(heads, neurons)], H, N,
+                       {"strategy": "fisher", "kept_importance": float(best[0]),
+                        "total_importance": float(head_gain[-1] + neuron_gain[-1]), "budget": budget,
+                        "flops_seq_len": seq_len})
+
+
+def prune(ctx: PruningContext) -> PruningPlan:
+    """Fisher importance on the calibration examples, then the FLOPs-constrained mask search."""
+    examples = ctx.option("examples", None, cast=lambda v: None if v is None else int(v))
+    if ctx.model is None or ctx.batches is None:
+        raise InputError("fisher needs the model and the calibration batches")
+    head_scores, neuron_scores = fisher_scores(ctx.model, ctx.adapter, ctx.batches, max_examples=examples, seed=ctx.seed)
+    plan = search_masks(head_scores, neuron_scores, ctx.shape, ctx.seq_len, ctx.flops_budget)
+    plan.meta.update({"seed": ctx.seed, "examples": examples, "labels": "sampled from the model's predictions"})
+    return plan
+
+
+STRATEGY = Strategy(
+    name="fisher",
+    description="Kwon et al. 2022: Fisher information of head / neuron masks (labels sampled from the model), "
+                "FLOPs-constrained mask search; needs a task head",
+    prune=prune,
+    needs=frozenset({"batches"}),
+    options={"examples": "cap on the calibration examples used (default: all; one backward pass each)"},
+)
+
+
+@hookimpl
+def ppkit_strategies() -> list[Strategy]:
+    return [STRATEGY]

@@ -1,0 +1,70 @@
+"""The fisher strategy (Kwon et al. 2022): mask Fisher from the model's own sampled labels, and the
+FLOPs-constrained mask search keeps the units with the largest Fisher score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED, make_tiny_bert
+
+import ppkit
+from ppkit.adapters import get_adapter
+from ppkit.errors import InputError
+from ppkit.flops import count_flops
+from ppkit.plugins.fisher import fisher_scores, search_masks
+
+
+def _shape():
+    return get_adapter(make_tiny_bert("BertModel")).shape()  # 3 layers, 4 heads, 64 neurons
+
+
+def test_search_keeps_the_largest_scores_and_the_best_split_within_budget():
+    shape = _shape()
+    rng = np.random.default_rng(0)
+    heads, neurons = rng.random((3, 4)), rng.random((3, 64))
+    heads[1, 2] = neurons[2, 5] = 100.0  # must survive any budget that keeps a head and a neuron
+    plan = search_masks(heads, neurons, shape, 16.0, 0.5)
+
+    assert 2 in plan.layers[1].heads and 5 in plan.layers[2].neurons
+    assert count_flops(shape, plan.heads_per_layer, plan.neurons_per_layer, 16.0).ratio <= 0.5 + 1e-9
+    # the kept heads / neurons are the top ones by score (no kept unit scores below a pruned one)
+    kept_h = [heads[layer, h] for layer, lp in enumerate(plan.layers) for h in lp.heads]
+    drop_h = [heads[layer, h] for layer, lp in enumerate(plan.layers) for h in range(4) if h not in lp.heads]
+    kept_n = [neurons[layer, n] for layer, lp in enumerate(plan.layers) for n in lp.neurons]
+    drop_n = [neurons[layer, n] for layer, lp in enumerate(plan.layers) for n in range(64) if n not in lp.neurons]
+    assert min(kept_h) >= max(drop_h, default=-1) and min(kept_n) >= max(drop_n, default=-1)
+    # brute force over the number of kept heads: no other prefix split keeps more importance in budget
+    best = plan.meta["kept_importance"]
+    ho, no = np.sort(heads.ravel())[::-1], np.sort(neurons.ravel())[::-1]
+    for h in range(13):
+        for n in range(193):
+            hp = np.bincount(np.argsort(-heads.ravel(), kind="stable")[:h] // 4, minlength=3)
+            npl = np.bincount(np.argsort(-neurons.ravel(), kind="stable")[:n] // 64, minlength=3)
+            if count_flops(shape, hp.tolist(), npl.tolist(), 16.0).ratio <= 0.5 + 1e-9:
+                assert ho[:h].sum() + no[:n].sum() <= best + 1e-9
+
+
+def test_units_without_effect_have_zero_fisher():
+    model = make_tiny_bert("BertForSequenceClassification", num_labels=3)
+    with torch.no_grad():  # head 1 of layer 0 and neuron 7 of layer 2 write nothing to the residual stream
+        model.bert.encoder.layer[0].attention.output.dense.weight[:, 8:16] = 0.0
+        model.bert.encoder.layer[2].output.dense.weight[:, 7] = 0.0
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 120, (4, 9), generator=g), "attention_mask": torch.ones(4, 9, dtype=torch.long)}]
+    heads, neurons = fisher_scores(model, get_adapter(model), batches)
+    assert heads[0, 1] == 0.0 and neurons[2, 7] == 0.0
+    assert (np.delete(heads.ravel(), 1) > 0).all() and (neurons[0] > 0).all()
+
+
+def test_fisher_prunes_a_fine_tuned_classifier_and_refuses_a_headless_model():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SHARED / "models" / "all-MiniLM-L6-v2")
+    kw = dict(tokenizer=tok, task="sst2", data=SHARED / "glue" / "SST-2", flops=0.6, samples=16, strategy="fisher",
+              plot=False, progress=False)
+    model = make_tiny_bert("BertForSequenceClassification", vocab_size=tok.vocab_size)
+    result = ppkit.prune(model, **kw)
+    assert result.report["flops_ratio"] <= 0.6 + 1e-9 and result.plan.meta["strategy"] == "fisher"
+    with pytest.raises(InputError, match="needs a model with a task head"):
+        ppkit.prune(make_tiny_bert("BertModel", vocab_size=tok.vocab_size), **kw)

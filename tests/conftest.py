@@ -119,6 +119,14 @@ def tiny_gpt2():
     return make_tiny_gpt2("GPT2LMHeadModel")
 
 
+@pytest.fixture(scope="session")
+def bert_tok():
+    """The real MiniLM (uncased WordPiece) tokenizer from the shared data."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHARED / "models" / "all-MiniLM-L6-v2")
+
+
 @pytest.fixture
 def minilm_path(shared_data) -> Path:
     """Path of the real all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384, FFN 1536)."""

@@ -23,14 +23,6 @@ from ppkit.tasks import TASKS, get_task
 
 
 @pytest.fixture(scope="module")
-def bert_tok():
-    from conftest import SHARED
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(SHARED / "models" / "all-MiniLM-L6-v2")
-
-
-@pytest.fixture(scope="module")
 def gpt2_tok():
     from conftest import SHARED
     from transformers import AutoTokenizer

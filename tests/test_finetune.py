@@ -19,14 +19,6 @@ from ppkit.training import evaluate_model, finetune
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bert_tok():
-    from conftest import SHARED
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(SHARED / "models" / "all-MiniLM-L6-v2")
-
-
 def _tiny_bert_dir(path: Path, tok, **overrides) -> Path:
     from conftest import make_tiny_bert
 
@@ -124,33 +116,13 @@ def test_qa_finetune_scores_with_squad_metrics(tmp_path, shared_data, bert_tok, 
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_pruned_model(tmp_path, shared_data, bert_tok):
-    from conftest import make_tiny_bert
-
     from ppkit.models import load_pruned
-    from ppkit.plan import LayerPlan, PruningPlan
-    from ppkit.saving import save_pruned
-    from ppkit.surgery import prune_model
+    from ppkit.plan import PruningPlan
 
-    model = make_tiny_bert("BertModel", vocab_size=bert_tok.vocab_size)
-    plan = PruningPlan(layers=[LayerPlan(heads=(0, 2), neurons=tuple(range(0, 64, 2))),
-                               LayerPlan(heads=(), neurons=tuple(range(10))),
-                               LayerPlan(heads=(1, 2, 3), neurons=tuple(range(64)))], num_heads=4, ffn_dim=64)
-    prune_model(model, plan)
-    pruned = save_pruned(model, tmp_path / "pruned", plan=plan, tokenizer=bert_tok)
+    pruned = _pruned_tiny_bert(tmp_path / "pruned", bert_tok)
 
     out, res = tmp_path / "out", tmp_path / "res"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "finetune_launch.py"), str(pruned), str(shared_data / "glue" / "SST-2"), str(out), str(res)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the launcher and both workers
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-3000:]
+    stdout = _torchrun(pruned, shared_data / "glue" / "SST-2", out, res)
     assert stdout.strip() == ""  # nothing printed by the library
 
     r0, r1 = (json.loads((tmp_path / f"res.rank{i}.json").read_text()) for i in (0, 1))
@@ -180,36 +152,49 @@ def test_torchrun_two_cpu_processes_pruned_model(tmp_path, shared_data, bert_tok
     assert evaluate_model(tuned, dev)["accuracy"] == pytest.approx(r0["best_metric"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_with_a_teacher(tmp_path, shared_data, bert_tok):
     """Distillation runs unchanged under torchrun: each process holds the teacher, both ranks agree."""
+    from conftest import make_tiny_bert
+
+    teacher = tmp_path / "teacher"
+    make_tiny_bert("BertForSequenceClassification", vocab_size=bert_tok.vocab_size, seed=1).save_pretrained(teacher)
+    pruned = _pruned_tiny_bert(tmp_path / "pruned", bert_tok)
+    _torchrun(pruned, shared_data / "glue" / "SST-2", tmp_path / "out", tmp_path / "res", teacher)
+    r0, r1 = (json.loads((tmp_path / f"res.rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["dist"] == 2 and [e["metrics"] for e in r0["epochs"]] == [e["metrics"] for e in r1["epochs"]]
+    assert r0["settings"]["teacher"] == str(teacher)
+    assert r0["settings"]["distill"] == {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.5}
+
+
+def _pruned_tiny_bert(out: Path, tok) -> Path:
+    """A tiny BERT pruned to uneven heads (layer 1 without heads) and neurons, saved with the tokenizer."""
     from conftest import make_tiny_bert
 
     from ppkit.plan import LayerPlan, PruningPlan
     from ppkit.saving import save_pruned
     from ppkit.surgery import prune_model
 
-    teacher = tmp_path / "teacher"
-    make_tiny_bert("BertForSequenceClassification", vocab_size=bert_tok.vocab_size, seed=1).save_pretrained(teacher)
-    model = make_tiny_bert("BertModel", vocab_size=bert_tok.vocab_size)
+    model = make_tiny_bert("BertModel", vocab_size=tok.vocab_size)
     plan = PruningPlan(layers=[LayerPlan(heads=(0, 2), neurons=tuple(range(0, 64, 2))),
                                LayerPlan(heads=(), neurons=tuple(range(10))),
                                LayerPlan(heads=(1, 2, 3), neurons=tuple(range(64)))], num_heads=4, ffn_dim=64)
     prune_model(model, plan)
-    pruned = save_pruned(model, tmp_path / "pruned", plan=plan, tokenizer=bert_tok)
+    return save_pruned(model, out, plan=plan, tokenizer=tok)
+
+
+def _torchrun(*args) -> str:
+    """Run tests/finetune_launch.py ARGS on two CPU processes; return its stdout (fails the test on error)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "finetune_launch.py"), str(pruned), str(shared_data / "glue" / "SST-2"),
-           str(tmp_path / "out"), str(tmp_path / "res"), str(teacher)]
+           str(REPO / "tests" / "finetune_launch.py"), *map(str, args)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        _, stderr = proc.communicate()
+        os.killpg(proc.pid, 9)  # the launcher and both workers
+        stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun timed out:\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"res.rank{i}.json").read_text()) for i in (0, 1))
-    assert r0["dist"] == 2 and [e["metrics"] for e in r0["epochs"]] == [e["metrics"] for e in r1["epochs"]]
-    assert r0["settings"]["teacher"] == str(teacher)
-    assert r0["settings"]["distill"] == {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.5}
+    return stdout

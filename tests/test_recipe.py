@@ -31,14 +31,6 @@ from ppkit.tasks import get_task
 from ppkit.training import evaluate_model, finetune, init_head, predict
 
 
-@pytest.fixture(scope="module")
-def bert_tok():
-    from conftest import SHARED
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(SHARED / "models" / "all-MiniLM-L6-v2")
-
-
 def toy_sst2(folder: Path, rows: int = 240, seed: int = 0) -> Path:
     """An SST-2-format task a tiny model learns in a few epochs: the label says whether the sentence
     has a positive or a negative word."""

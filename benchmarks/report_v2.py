@@ -103,16 +103,23 @@ def render(rows: list[dict]) -> str:
     gains = []
     for t in tasks:
         for b in V2_BUDGETS:
-            plain = {r.get("ft_seed", 0): score(r) for r in by_cell.get((t, "dual-cp", b), [])}
-            kd = {r.get("ft_seed", 0): score(r) for r in by_cell.get((t, "dual-cp-kd", b), [])}
+            plain = {r.get("ft_seed", 0): r for r in by_cell.get((t, "dual-cp", b), [])}
+            kd = {r.get("ft_seed", 0): r for r in by_cell.get((t, "dual-cp-kd", b), [])}
             seeds = sorted(set(plain) & set(kd))
             if seeds:
-                diff = [kd[s] - plain[s] for s in seeds]
-                gains.append(f"{TASK_NAMES[t]} {b:g}: {statistics.fmean(diff):+.1f} (fine-tune seeds {seeds})")
+                diff = [score(kd[s]) - score(plain[s]) for s in seeds]
+                cost = [_epoch_seconds(kd[s]) / _epoch_seconds(plain[s]) for s in seeds]
+                gains.append(f"{TASK_NAMES[t]} {b:g}: {statistics.fmean(diff):+.1f} (fine-tune seeds {seeds}; training "
+                             f"time per epoch x{statistics.fmean(cost):.2f})")
     if gains:
         out += ["What `--teacher` adds to Dual-CP (same fine-tune seeds, points): " + "; ".join(gains) + ".", ""]
     out.append(END)
     return "\n".join(out) + "\n"
+
+
+def _epoch_seconds(r: dict) -> float:
+    ft = r["finetune"]
+    return ft["train_seconds"] / max(len(ft["epochs"]), 1)
 
 
 def write(text: str, readme: Path = README) -> None:

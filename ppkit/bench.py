@@ -30,12 +30,12 @@ from .errors import InputError
 from .export import (
     available_cores,
     export_onnx,
-    head_from_config,
     infer_head,
     input_names_for,
     max_sequence_length,
     model_family,
     ort_session,
+    saved_head,
     uses_token_type_ids,
 )
 
@@ -236,20 +236,11 @@ def model_state(source: str | Path, head: str) -> str:
     """What a checkpoint's weights under ``head`` are: "fine-tuned" (written by ``ppkit finetune``, or
     saved with this task head), "untrained head" (the task head is new: its outputs are chance level),
     or "pre-trained" (no task head, or GPT-2's LM head, which is tied to the pre-trained embeddings)."""
-    folder = Path(str(source))
-    if (folder / "finetune.json").is_file():
+    if (Path(str(source)) / "finetune.json").is_file():
         return "fine-tuned"
-    try:
-        archs = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError):
-        archs = []  # a hub name
     if head in ("base", "causal-lm"):
         return "pre-trained"
-    suffix = {"sequence-classification": "ForSequenceClassification", "question-answering": "ForQuestionAnswering",
-              "token-classification": "ForTokenClassification", "masked-lm": "ForMaskedLM"}.get(head)
-    if suffix is not None and any(str(a).endswith(suffix) for a in archs):
-        return "fine-tuned"
-    return "untrained head"
+    return "fine-tuned" if saved_head(source) == head else "untrained head"
 
 
 def _task_head(task_spec: Any) -> tuple[str, int | None]:
@@ -278,8 +269,7 @@ def _load(item: Any, name: str | None, task_spec: Any, tokenizer: Any, need_toke
     if task_spec is not None:
         head, num_labels = _task_head(task_spec)
     else:
-        config = Path(source) / "config.json"
-        head = head_from_config(json.loads(config.read_text(encoding="utf-8"))) if config.is_file() else "base"
+        head = saved_head(source) or "base"
         num_labels = None
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     model = load_model(source, head=head, **kwargs).eval()

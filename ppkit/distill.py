@@ -97,13 +97,10 @@ def load_teacher(teacher: str | Path | nn.Module, student: nn.Module, spec: Any,
 
 
 def _has_trained_head(path: Path) -> bool:
-    import json
+    from ppkit.export import saved_head
 
-    try:
-        archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError):
-        return True  # a hub name: trust it
-    return any(str(a).endswith("ForSequenceClassification") for a in archs)
+    head = saved_head(path)
+    return head is None or head == "sequence-classification"  # None: a hub name, trusted
 
 
 def distillation_trainer(trainer_cls: type, teacher: nn.Module, settings: DistillSettings, kind: str) -> type:

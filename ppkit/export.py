@@ -114,6 +114,16 @@ def head_from_config(config: dict[str, Any]) -> str:
     return head_from_class_name(str(archs[0]))
 
 
+def saved_head(folder: str | Path) -> str | None:
+    """The head a checkpoint directory was saved with (:func:`head_from_config` of its config.json), or
+    None when there is no readable config.json (a hub name)."""
+    try:
+        config = json.loads((Path(str(folder)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return head_from_config(config)
+
+
 def is_decoder_model(model: nn.Module) -> bool:
     """True for causal LMs (GPT-2 family): exported without cache and without token_type_ids."""
     config = getattr(model, "config", None)

@@ -401,8 +401,7 @@ def _model_class(family: str, head: str, pooling: str | None) -> type:
 
 
 #: a checkpoint's task head, recognised from its architectures (a fine-tuned model keeps it when pruned)
-_TASK_HEADS = {"ForSequenceClassification": "sequence-classification", "ForQuestionAnswering": "question-answering",
-               "ForTokenClassification": "token-classification"}
+_TASK_HEADS = ("sequence-classification", "question-answering", "token-classification")
 
 
 def pruning_head(name_or_path: str | Path) -> str:
@@ -410,24 +409,24 @@ def pruning_head(name_or_path: str | Path) -> str:
     QA, token classification); GPT-2 keeps its language-modelling head (tied to the input embeddings,
     so it costs no weights, and it is how GPT-2 is used: ``generate``, logits in ONNX); a pre-trained
     BERT body is pruned without a head ("base")."""
+    from .export import head_from_config
+
     local = _local_dir(name_or_path)
     if local is not None:
         config = _read_config(local)
-        model_type, archs = config.get("model_type"), config.get("architectures") or []
     else:
         name = str(name_or_path)
         try:
             from transformers import AutoConfig
 
-            config = _from_hub(name, lambda local_only: AutoConfig.from_pretrained(name, local_files_only=local_only))
+            hub = _from_hub(name, lambda local_only: AutoConfig.from_pretrained(name, local_files_only=local_only))
         except ModelLoadError:
             return "base"  # load_model reports the offline hub name with its own message
-        model_type, archs = config.model_type, getattr(config, "architectures", None) or []
-    for arch in archs:
-        for suffix, head in _TASK_HEADS.items():
-            if str(arch).endswith(suffix):
-                return head
-    return "causal-lm" if model_type == "gpt2" else "base"
+        config = {"model_type": hub.model_type, "architectures": getattr(hub, "architectures", None)}
+    head = head_from_config(config)
+    if head in _TASK_HEADS:
+        return head
+    return "causal-lm" if config.get("model_type") == "gpt2" else "base"
 
 
 def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:

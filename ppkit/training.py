@@ -212,7 +212,9 @@ def _family_of(path: Path) -> str | None:
 
 def _has_head(path: Path, head: str) -> bool:
     """Whether the checkpoint at ``path`` was saved with ``head`` (then it is trained, not fresh)."""
-    return any(str(a).endswith(_HEAD_SUFFIXES[head]) for a in _source_config(path).get("architectures") or [])
+    from ppkit.export import saved_head
+
+    return saved_head(path) == head
 
 
 @torch.no_grad()

@@ -19,47 +19,26 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_report import README, agg, load_glue, majority_rate, score  # noqa: E402
+from make_report import README, TASK_NAMES, failed_cells, fmt, load_glue, majority_rate, score  # noqa: E402
 from reproduce import LABELS, RECIPE_V2, RESULTS_BY_RECIPE, V2_BUDGETS, grid_v2, is_current  # noqa: E402
 
 START, END = "<!-- reproduce-v2:start -->", "<!-- reproduce-v2:end -->"
-TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 #: issue 17's bar for the dense model (dev x100, full dev sets)
 DENSE_TARGETS = {"sst2": 88.0, "mrpc": 82.0, "stsb": 85.0, "rte": 60.0}
 ROWS = ("dense", "dual-cp", "random", "kcm", "worst", "dual-cp-mc", "dual-cp-lstsq", "dual-cp-kd", "dual-cp-lstsq-kd",
         "random-lstsq-kd")
 
 
-def did_not_learn(rows: list[dict]) -> set[str]:
-    """Cells closer to the trivial predictor (majority class; Spearman 0) than to the dense model."""
-    dense = defaultdict(list)
-    for r in rows:
-        if r["strategy"] == "dense" and score(r) is not None:
-            dense[r["task"]].append(score(r))
-    out = set()
-    for r in rows:
-        if r["strategy"] != "dense" and score(r) is not None and dense[r["task"]]:
-            floor = (statistics.fmean(dense[r["task"]]) + (majority_rate(r["task"]) or 0.0)) / 2
-            if score(r) < floor:
-                out.add(r["cell"])
-    return out
-
-
 def cell_text(cells: list[dict], failed: set[str]) -> str:
-    if not cells:
-        return "·"
-    if all(r.get("finetune") is None for r in cells):
-        return "infeasible"
-    m, s, n = agg([score(r) for r in cells])
-    mark = " †" if any(r["cell"] in failed for r in cells) else ""
-    return f"{m:.1f}" + (f" ± {s:.1f} (n={n})" if n > 1 else "") + mark
+    """make_report's cell text (mean ± std (n), †), and "·" for a cell not run yet."""
+    return fmt(cells, failed=failed) if cells else "·"
 
 
 def render(rows: list[dict]) -> str:
     expected = grid_v2()
     done = {r["cell"] for r in rows}
     todo = [c for c in expected if c.id not in done]
-    failed = did_not_learn(rows)
+    failed = failed_cells(rows)
     cpu_h = sum((r.get("finetune") or {}).get("cpu_seconds", 0.0) for r in rows) / 3600
     wall_h = sum(r.get("wall_seconds", 0.0) for r in rows) / 3600
     out = [START, "", "## Reproduction v2 (recipe cpu-v2: the fine-tuning recipe that learns)", "",

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, InputError, ModelLoadError, OutputError
+from .quantize import MIN_COSINE
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def export_onnx(
     overwrite: bool = False,
     quantize: str | None = None,
     optimize: bool = False,
-    int8_min_cosine: float | None = None,
+    int8_min_cosine: float = MIN_COSINE,
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
 
@@ -278,8 +279,8 @@ def export_onnx(
     :class:`ExportError` is raised when outputs differ from torch by more than ``atol``. The file is
     written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists. ``quantize="int8"``
     writes onnxruntime's dynamic int8 quantization of the checked fp32 graph instead (default file
-    ``model-int8.onnx``), checked against fp32 by output cosine (at least ``int8_min_cosine``, default
-    :data:`ppkit.quantize.MIN_COSINE`; bench, which scores the int8 model itself, passes -1). ``optimize``
+    ``model-int8.onnx``), checked against fp32 by output cosine (at least ``int8_min_cosine``; bench,
+    which scores the int8 model itself, passes -1). ``optimize``
     applies onnxruntime's transformer fusions with each fused attention node's own head count
     (:mod:`ppkit.ort_optimize`), checked against the unfused graph (``atol``), before quantizing.
     """
@@ -339,9 +340,10 @@ def export_onnx(
             if check:
                 max_diff, shapes = verify_onnx(tmp_file, wrapper, module, inputs, outputs, atol=atol)
             quantization = optimization = None
-            feeds = [{n: v.numpy() for n, v in sample_inputs(module, b, min(s, max_sequence_length(module)),
-                                                              seed=200 + i).items() if n in inputs}
-                     for i, (b, s) in enumerate(CHECK_SHAPES)]
+            if optimize or quantize is not None:  # the inputs both compare the rewritten graph on
+                feeds = [{n: v.numpy() for n, v in sample_inputs(module, b, min(s, max_sequence_length(module)),
+                                                                  seed=200 + i).items() if n in inputs}
+                         for i, (b, s) in enumerate(CHECK_SHAPES)]
             if optimize:
                 optimization = _optimize_in_place(tmp_file, module, family, outputs, feeds, atol)
             if quantize is not None:
@@ -350,8 +352,7 @@ def export_onnx(
                 fp32_file = tmp_file.with_name("fp32-" + tmp_file.name)
                 tmp_file.rename(fp32_file)
                 quantization = {"method": "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights)",
-                                **quantize_checked(fp32_file, tmp_file, outputs, feeds, **(
-                                    {} if int8_min_cosine is None else {"min_cosine": int8_min_cosine}))}
+                                **quantize_checked(fp32_file, tmp_file, outputs, feeds, int8_min_cosine)}
                 fp32_file.unlink()
         _move_into_place(tmp_dir, target)
     finally:
@@ -366,13 +367,14 @@ def export_onnx(
 def _optimize_in_place(path: Path, module: nn.Module, family: str, outputs: Sequence[str],
                        feeds: Sequence[dict[str, np.ndarray]], atol: float) -> dict[str, Any]:
     """Replace ``path`` by its fused graph (per-layer head counts) after checking it against the unfused one."""
-    from .ort_optimize import max_difference, optimize_graph
+    from .ort_optimize import optimize_graph
+    from .quantize import compare_outputs
 
     config = module.config
     fused = path.with_name("fused-" + path.name)
     info = optimize_graph(path, fused, family=family, num_heads=config.num_attention_heads,
                           hidden_size=config.hidden_size)
-    diff = max_difference(path, fused, outputs, feeds)
+    diff = compare_outputs(path, fused, outputs, feeds)["max_abs_diff"]
     if not diff <= atol:
         fused.unlink()
         raise ExportError(f"the optimized graph differs from the unfused one by {diff:.3g} (> atol {atol:g}); "

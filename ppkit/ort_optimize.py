@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 
 from .errors import ExportError
 
@@ -61,18 +60,3 @@ def optimize_graph(fp32_path: Path, out_path: Path, *, family: str, num_heads: i
     opt.save_model_to_file(str(out_path))  # also declares the com.microsoft opset the fused ops need
     fused = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     return {"fused_operators": fused, "attention_heads": heads_written}
-
-
-def max_difference(reference: Path, candidate: Path, outputs: Sequence[str],
-                   feeds: Sequence[dict[str, np.ndarray]]) -> float:
-    """Largest |candidate - reference| over ``outputs`` and ``feeds`` in onnxruntime (CPU)."""
-    from .quantize import ort_cpu_session
-
-    ref, cand = ort_cpu_session(reference), ort_cpu_session(candidate)
-    worst = 0.0
-    for feed in feeds:
-        for a, b in zip(ref.run(list(outputs), feed), cand.run(list(outputs), feed)):
-            if a.shape != b.shape:
-                raise ExportError(f"the optimized graph returns shape {b.shape} where the unfused one returns {a.shape}")
-            worst = max(worst, float(np.max(np.abs(a - b))) if a.size else 0.0)
-    return worst

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -57,15 +57,18 @@ def empty_weight_nodes(path: Path) -> list[str]:
     return [node.name for node in graph.node if any(name in empty for name in node.input)]
 
 
-def compare_outputs(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
+def compare_outputs(reference: Path, candidate: Path, outputs: Sequence[str],
                     feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Run both graphs on ``feeds``; per example and output, the cosine between the flattened int8 and
-    fp32 outputs. Returns min / mean cosine, max |int8 - fp32| and the number of examples."""
-    fp32, int8 = ort_cpu_session(fp32_path), ort_cpu_session(int8_path)
+    """Run both graphs on ``feeds`` in onnxruntime (CPU); per example and output, the cosine between the
+    flattened candidate (int8, fused) and reference outputs. Returns min / mean cosine, max |candidate -
+    reference| and the number of examples; :class:`ExportError` when an output's shape differs."""
+    ref_session, cand_session = ort_cpu_session(reference), ort_cpu_session(candidate)
     cosines: list[float] = []
     worst = 0.0
     for feed in feeds:
-        for ref, got in zip(fp32.run(list(outputs), feed), int8.run(list(outputs), feed)):
+        for ref, got in zip(ref_session.run(list(outputs), feed), cand_session.run(list(outputs), feed)):
+            if ref.shape != got.shape:
+                raise ExportError(f"{candidate.name} returns shape {got.shape} where {reference.name} returns {ref.shape}")
             ref = ref.reshape(ref.shape[0], -1).astype(np.float64)
             got = got.reshape(got.shape[0], -1).astype(np.float64)
             norm = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
@@ -76,8 +79,7 @@ def compare_outputs(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
 
 
 def quantize_checked(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
-                     feeds: Sequence[dict[str, np.ndarray]], log: Callable[[str], None] | None = None,
-                     min_cosine: float = MIN_COSINE) -> dict[str, Any]:
+                     feeds: Sequence[dict[str, np.ndarray]], min_cosine: float = MIN_COSINE) -> dict[str, Any]:
     """Quantize, compare with the fp32 graph, and raise :class:`ExportError` below ``min_cosine``."""
     quantize_int8(fp32_path, int8_path)
     stats = compare_outputs(fp32_path, int8_path, outputs, feeds)
@@ -87,8 +89,6 @@ def quantize_checked(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
     if not stats["min_cosine"] >= min_cosine:
         raise ExportError(f"the int8 model's outputs drift from fp32 (cosine {stats['min_cosine']:.4f} < {min_cosine}); "
                           "export fp32 instead")
-    if log is not None:
-        log(f"int8 vs fp32: min cosine {stats['min_cosine']:.5f}, max |diff| {stats['max_abs_diff']:.3g}")
     return stats
 
 

@@ -376,16 +376,21 @@ def evaluate_quality(
     batch_size: int = 32,
     max_length: int | None = None,
     device: str = "cpu",
-) -> dict[str, float]:
+    session: Any = None,
+) -> dict[str, float] | None:
     """The task's dev-set metrics for ``model`` (with torch): accuracy / F1 / Matthews / Pearson-Spearman
     for GLUE, exact match / F1 for SQuAD, strided perplexity for LM tasks (test split, falling back to
-    dev). ``limit`` keeps the first N examples (LM: N windows)."""
+    dev). ``limit`` keeps the first N examples (LM: N windows). With ``session`` (an onnxruntime session
+    of the model's export, e.g. its int8 variant) the logits come from it; that is measured for sentence
+    classification / regression only (None for other tasks)."""
     from .data import load_task_dataset, lm_token_ids, postprocess_qa
     from .errors import DataError
     from .metrics import compute_task_metrics, model_max_positions, perplexity
     from .tasks import get_task
 
     spec = get_task(task)
+    if session is not None and spec.kind not in ("classification", "regression"):
+        return None
     model = model.to(device).eval()
     positions = model_max_positions(model)
     if spec.kind == "lm":
@@ -416,32 +421,13 @@ def evaluate_quality(
     else:
         logits = []
         for batch in loader:
-            out = model(**{k: v.to(device) for k, v in batch.items() if k in inputs})
-            logits.append(out.logits.float().cpu().numpy())
+            if session is not None:
+                logits.append(session.run(["logits"], {k: v.numpy() for k, v in batch.items() if k in inputs})[0])
+            else:
+                out = model(**{k: v.to(device) for k, v in batch.items() if k in inputs})
+                logits.append(out.logits.float().cpu().numpy())
         result = compute_task_metrics(spec, np.concatenate(logits), dataset.references)
     result = {k: float(v) for k, v in result.items()}
-    result["examples"] = float(dataset.num_examples)
-    return result
-
-
-def evaluate_quality_ort(session: Any, model: nn.Module, tokenizer: Any, task: str, *,
-                         data: str | Path | None = None, limit: int | None = None,
-                         batch_size: int = 32) -> dict[str, float] | None:
-    """Dev metrics of an onnxruntime session of ``model``'s export (sentence classification / regression
-    tasks; None for others, whose int8 quality is not measured)."""
-    from .data import load_task_dataset
-    from .metrics import compute_task_metrics, model_max_positions
-    from .tasks import get_task
-
-    spec = get_task(task)
-    if spec.kind not in ("classification", "regression") or session is None:
-        return None
-    dataset = load_task_dataset(spec, tokenizer, "dev", data=data, limit=limit, max_positions=model_max_positions(model))
-    names = input_names_for(model)
-    collate = dataset.collator(tokenizer)
-    logits = [session.run(["logits"], {n: batch[n].numpy() for n in names})[0]
-              for batch in (collate(dataset.features[i:i + batch_size]) for i in range(0, len(dataset), batch_size))]
-    result = {k: float(v) for k, v in compute_task_metrics(spec, np.concatenate(logits), dataset.references).items()}
     result["examples"] = float(dataset.num_examples)
     return result
 
@@ -662,12 +648,9 @@ def benchmark(
         if task_spec is not None and quality:
             bar.stage(f"quality on {task_spec.name}", len(loaded))
             for entry, res in zip(loaded, results):
-                if entry.precision == "int8":
-                    res.quality = evaluate_quality_ort(entry.session, entry.model, entry.tokenizer, task_spec.name,
-                                                       data=data, limit=eval_limit)
-                else:
-                    res.quality = evaluate_quality(entry.model, entry.tokenizer, task_spec.name, data=data,
-                                                   limit=eval_limit, device=device)
+                res.quality = evaluate_quality(entry.model, entry.tokenizer, task_spec.name, data=data,
+                                               limit=eval_limit, device=device,
+                                               session=entry.session if entry.precision == "int8" else None)
                 bar.advance()
     finally:
         bar.stop()

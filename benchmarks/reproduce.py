@@ -253,8 +253,7 @@ def grid_v2(tasks=V2_TASKS, budgets=V2_BUDGETS, strategies=ALL_STRATEGIES) -> li
     cells += [Cell(t, s, b) for b in budgets if b not in key_budgets for t in tasks
               for s in ("dual-cp", "random", "kcm", "worst")]
     cells += [Cell(t, "dual-cp-mc", 0.6) for t in tasks if 0.6 in budgets]
-    seen: set[Cell] = set()
-    return [c for c in cells if c.strategy in strategies and not (c in seen or seen.add(c))]
+    return [c for c in dict.fromkeys(cells) if c.strategy in strategies]  # first occurrence of each, in order
 
 
 # ------------------------------------------------------------------------------------------- one cell

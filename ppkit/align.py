@@ -32,7 +32,7 @@ def align_plan(plan: PruningPlan, multiple: int, shape: ModelShape, seq_len: flo
     if shape.ffn_dim % multiple:
         raise InputError(f"--multiple-of {multiple} does not divide the FFN width {shape.ffn_dim}")
     kept = [list(layer.neurons) for layer in plan.layers]
-    pruned = [[n for n in range(shape.ffn_dim) if n not in set(k)] for k in kept]
+    pruned = [sorted(set(range(shape.ffn_dim)) - set(k)) for k in kept]
     for i in range(len(kept)):
         rank = _ranker(scores, i)
         kept[i].sort(key=rank, reverse=True)  # most important first

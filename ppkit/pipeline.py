@@ -173,8 +173,7 @@ def prune(
             if tokenizer is None:
                 raise InputError("pass tokenizer=... when giving prune() a loaded model")
         else:
-            head = pruning_head(model)
-            net = load_model(model, head=head, allow_pickle=allow_pickle)
+            net = load_model(model, head=pruning_head(model), allow_pickle=allow_pickle)
             tokenizer = tokenizer or load_tokenizer(model)
         net.eval()
         from .export import infer_head

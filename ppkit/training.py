@@ -241,9 +241,9 @@ def init_head(model: nn.Module, train_ds: TaskDataset) -> dict[str, Any] | None:
 def _check_settings(**values: Any) -> None:
     """One clear error for a bad fine-tuning setting, before any work (None means: the default)."""
     checks = {
-        "epochs": (lambda v: _positive_int(v), "a positive integer"),
-        "batch_size": (lambda v: _positive_int(v), "a positive integer"),
-        "threads": (lambda v: _positive_int(v), "a positive integer"),
+        "epochs": (_positive_int, "a positive integer"),
+        "batch_size": (_positive_int, "a positive integer"),
+        "threads": (_positive_int, "a positive integer"),
         "min_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "zero or a positive integer"),
         "learning_rate": (lambda v: v > 0, "positive"),
         "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -200,12 +200,15 @@ def collect_moments(
 
 def _held_out_error(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor):
     """A function of new kept rows t giving the weighted relative output error on held-out tokens:
-    sum_t w_t |[x_t,K] t - [x_t,1] Theta|^2 / sum_t w_t |[x_t,1] Theta|^2, expanded so each call costs
-    one |K|^2 product instead of a full one."""
-    g_kk = gram[keep][:, keep]
+    sum_t w_t |[x_t,K] t - [x_t,1] Theta|^2 / sum_t w_t |[x_t,1] Theta|^2."""
     g_theta = gram @ theta
-    cross = g_theta[keep]
-    total = float((g_theta * theta).sum())
+    return quadratic_error(gram[keep][:, keep], g_theta[keep], float((g_theta * theta).sum()))
+
+
+def quadratic_error(g_kk: torch.Tensor, cross: torch.Tensor, total: float):
+    """A function of rows t giving sum_t w_t |x_t t - y_t|^2 / sum_t w_t |y_t|^2 from the moments
+    G = sum w x^T x (``g_kk``), C = sum w x^T y (``cross``) and sum w |y|^2 (``total``), expanded so each
+    call costs one |K|^2 product instead of a pass over the tokens."""
 
     def error(rows: torch.Tensor) -> float:
         if total <= 0:
@@ -222,17 +225,35 @@ def solve_lstsq(gram: torch.Tensor, theta: torch.Tensor, keep: torch.Tensor, rid
     mu is given relative to the mean diagonal of G_KK. Yields (ridge, rows) pairs lazily, one
     Cholesky solve each, leaving out ridges for which the damped G_KK is not positive definite.
     """
-    g_kk = gram[keep][:, keep]
+    return ridge_solutions(gram[keep][:, keep], gram[keep] @ theta, theta[keep], ridges)
+
+
+def ridge_solutions(g_kk: torch.Tensor, cross: torch.Tensor, theta0: torch.Tensor,
+                    ridges: Sequence[float]) -> Iterator[tuple[float, torch.Tensor]]:
+    """Rows t minimising t^T G t - 2 <t, C> + mu |t - theta0|^2 for each relative ridge (see :func:`solve_lstsq`)."""
     scale = max(float(g_kk.diagonal().mean()), 1e-12) if g_kk.numel() else 1.0
-    theta0 = theta[keep]
-    cross = gram[keep] @ theta
-    eye = torch.eye(len(keep), dtype=gram.dtype)
+    eye = torch.eye(g_kk.shape[0], dtype=g_kk.dtype)
     for ridge in ridges:
         mu = ridge * scale
         factor, info = torch.linalg.cholesky_ex(g_kk + mu * eye)
         if int(info) != 0:
             continue  # singular without (enough) damping
         yield ridge, torch.cholesky_solve(cross + mu * theta0, factor)
+
+
+def best_candidate(candidates: Iterable[tuple[float | None, torch.Tensor]], error, base_rows: torch.Tensor):
+    """The candidate rows with the lowest held-out ``error``, if lower than ``base_rows``' (else those):
+    returns (rows, error, ridge). Stops at the first rise, the held-out error being U-shaped in the ridge."""
+    best_rows, best_err, best_ridge = base_rows, error(base_rows), None
+    previous = math.inf
+    for ridge, cand in candidates:
+        err = error(cand)
+        if math.isfinite(err) and err < best_err:
+            best_rows, best_err, best_ridge = cand, err, ridge
+        if err > previous:
+            break  # weaker damping only overfits more from here on
+        previous = err
+    return best_rows, best_err, best_ridge
 
 
 def solve_merge(
@@ -348,14 +369,7 @@ def compensate_model(
                 else:
                     assignment = (assignments or {}).get((layer, kind))
                     candidates = [(None, solve_merge(mom.fit, theta, list(units), unit_size, assignment))]
-                previous = math.inf
-                for ridge, cand in candidates:
-                    err = held_error(cand)
-                    if math.isfinite(err) and err < best_err:
-                        best_rows, best_err, best_ridge = cand, err, ridge
-                    if err > previous:
-                        break  # weaker damping only overfits more from here on
-                    previous = err
+                best_rows, best_err, best_ridge = best_candidate(candidates, held_error, base_rows)
             accepted = best_rows is not base_rows
             if accepted:
                 new_theta = theta.clone()
@@ -363,6 +377,11 @@ def compensate_model(
                 setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
                 setter(layer, new_theta[:n].to(weight.device, weight.dtype), new_theta[n].to(bias.device, bias.dtype))
             results.append(SublayerResult(layer, kind, err_before, best_err, accepted, best_ridge))
+    return summarize(results, method)
+
+
+def summarize(results: Sequence[SublayerResult], method: str) -> dict[str, Any]:
+    """The ``compensation`` entry of report.json for per-sublayer results."""
     return {
         "method": method,
         "holdout": HOLDOUT,

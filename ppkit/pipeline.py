@@ -23,7 +23,7 @@ from .plan import PruningPlan
 
 log = logging.getLogger("ppkit")
 
-COMPENSATIONS = ("none", "lstsq", "merge")
+COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "merge")
 
 
 @dataclass
@@ -129,8 +129,9 @@ def prune(
     ``tokenizer``). Calibration data comes from ``task``'s train split (hub) or ``data`` (local files).
     When ``out`` is given, the pruned model, ``plan.json``, ``report.json`` and ``plan.png`` are
     written there atomically (an existing directory is refused unless ``overwrite``).
-    ``compensate`` (none | lstsq | merge) corrects the kept weights from the moments of
-    ``compensate_tokens`` sampled calibration tokens (``"all"``/None: every token). ``multiple_of``
+    ``compensate`` (none | lstsq | lstsq-seq | merge) corrects the kept weights from
+    ``compensate_tokens`` calibration tokens (``"all"``/None: every token); ``lstsq-seq`` refits
+    sublayer by sublayer on the pruned model's own inputs (:mod:`ppkit.sequential`). ``multiple_of``
     N > 1 makes every layer's kept FFN width a multiple of N inside the budget (:mod:`ppkit.align`).
     """
     from . import registry
@@ -195,7 +196,7 @@ def prune(
     stats = None
     collector = None  # the compensation moments, collected in the statistics pass when there is one
     if "activations" in info.needs:
-        if compensate != "none":
+        if compensate in ("lstsq", "merge"):
             from .compensate import MomentCollector
 
             collector = MomentCollector(net, seed=seed, max_tokens=moment_tokens)
@@ -220,7 +221,12 @@ def prune(
             plan = aligned
 
     compensation_report: dict[str, Any] = {"method": compensate}
-    if compensate != "none":
+    if compensate == "lstsq-seq":
+        from .sequential import reconstruct_sequential
+
+        with timer.stage("compensation"):
+            compensation_report = reconstruct_sequential(net, plan, calib.batches, seed=seed, max_tokens=moment_tokens)
+    elif compensate != "none":
         from .compensate import collect_moments, compensate_model
 
         with timer.stage("compensation"):

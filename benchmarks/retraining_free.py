@@ -1,0 +1,256 @@
+"""Retraining-free pruning of an already fine-tuned model (issue 21): prune -> evaluate, no training after.
+
+Sources: all-MiniLM-L6-v2 fine-tuned densely by ``ppkit finetune``'s defaults (the reproduction's dense
+cells, kept as the ``-kd`` teachers; computed here through ``reproduce.py`` when missing). Each cell
+prunes one source with ``ppkit.pipeline.prune`` (2000 calibration samples of the task's train split, as
+Kwon et al.; labels unused) and scores the pruned model on the full dev set. Per task, the seconds of
+one forward pass of the dense model over the same calibration batches are the cost yardstick.
+
+Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 (run in this order) x fisher, Dual-CP, KCM,
+random (seeds 0-2; seeds 1-2 last) x reconstruction none / lstsq (one shot) / lstsq-seq (sequential).
+One JSON per cell in ``benchmarks/results/retraining_free/``; resumable, two runners share the grid.
+
+    python benchmarks/retraining_free.py --stop-at 10:00     # run (resumable)
+    python benchmarks/retraining_free.py --list              # what is done
+    python benchmarks/retraining_free.py --report            # table + plot into benchmarks/README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reproduce import CACHE, GLUE, RECIPE, TASK_DIRS, Cell, machine, run_cell, teacher_dir  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "retraining_free"
+README = HERE / "README.md"
+PLOT = HERE / "plots" / "retraining_free.png"
+START, END = "<!-- retraining-free:start -->", "<!-- retraining-free:end -->"
+TASKS = ("stsb", "mrpc", "sst2")
+BUDGETS = (0.6, 0.4, 0.8, 0.5, 0.7)
+STRATEGIES = ("fisher", "dual-cp", "kcm", "random")
+COMPENSATIONS = ("none", "lstsq", "lstsq-seq")
+SAMPLES = 2000
+NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
+
+
+def grid() -> list[tuple[str, str, float, int, str]]:
+    """(task, strategy, budget, seed, compensation), the most informative first."""
+    first = [(t, s, b, 0, c) for b in BUDGETS for t in TASKS for s in STRATEGIES for c in COMPENSATIONS]
+    more_seeds = [(t, "random", b, seed, c) for seed in (1, 2) for b in BUDGETS for t in TASKS for c in COMPENSATIONS]
+    return first + more_seeds
+
+
+def slug(cell: tuple) -> str:
+    task, strategy, budget, seed, comp = cell
+    return f"{task}__{strategy}__{budget:g}__s{seed}__{comp}"
+
+
+def source(task: str) -> Path:
+    """The dense fine-tuned model of ``task`` (fine-tuned through reproduce.py's dense cell if missing)."""
+    path = teacher_dir(task, RECIPE, CACHE)
+    if not path.is_dir():
+        run_cell(Cell(task, "dense", 1.0))
+    return path
+
+
+def dev_score(model, tokenizer, task: str) -> dict[str, float]:
+    from ppkit.data import load_task_dataset
+    from ppkit.training import evaluate_model
+
+    dev = load_task_dataset(task, tokenizer, "dev", data=GLUE / TASK_DIRS[task], max_length=RECIPE.max_length[task])
+    return evaluate_model(model.eval(), dev)
+
+
+def forward_seconds(task: str) -> float:
+    """One forward pass of the dense fine-tuned model over the calibration batches a cell uses."""
+    import torch
+
+    from ppkit.data import calibration_batches
+    from ppkit.models import load_model, load_tokenizer
+
+    src = source(task)
+    model = load_model(src, head="sequence-classification").eval()
+    calib = calibration_batches(task, load_tokenizer(src), data=GLUE / TASK_DIRS[task], samples=SAMPLES,
+                                max_length=RECIPE.max_length[task], seed=0)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in calib.batches:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    return time.perf_counter() - t0
+
+
+def run(cell: tuple) -> dict:
+    import torch
+
+    from ppkit.errors import BudgetError
+    from ppkit.pipeline import prune
+
+    task, strategy, budget, seed, comp = cell
+    src = source(task)
+    out = {"cell": slug(cell), "task": task, "strategy": strategy, "budget": budget, "seed": seed,
+           "compensation": comp, "source": str(src.name), "samples": SAMPLES, "torch_threads": torch.get_num_threads()}
+    if task not in _DENSE:
+        from ppkit.models import load_model, load_tokenizer
+
+        _DENSE[task] = {"dev": dev_score(load_model(src, head="sequence-classification"), load_tokenizer(src), task),
+                        "forward_seconds": forward_seconds(task)}
+    out["dense"] = _DENSE[task]
+    t0 = time.perf_counter()
+    try:
+        res = prune(str(src), task=task, flops=budget, strategy=strategy, data=GLUE / TASK_DIRS[task],
+                    samples=SAMPLES, seed=seed, compensate=comp, plot=False, progress=False,
+                    max_length=RECIPE.max_length[task])
+    except BudgetError as exc:  # KCM prunes FFN neurons only and cannot reach low budgets
+        return {**out, "infeasible": str(exc)}
+    r = res.report
+    out["prune_seconds"] = time.perf_counter() - t0
+    out["timings_s"] = {k: round(v, 2) for k, v in r["timings_s"].items()}
+    out["flops_ratio"] = r["flops_ratio"]
+    out["compensation_report"] = {k: v for k, v in r.get("compensation", {}).items() if k != "layers"}
+    out["dev"] = dev_score(res.model, res.tokenizer, task)
+    return out
+
+
+_DENSE: dict[str, dict] = {}
+
+
+def main_run(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stop = _deadline(args.stop_at)
+    for cell in grid():
+        if args.tasks and cell[0] not in args.tasks.split(","):
+            continue
+        path, lock = RESULTS / f"{slug(cell)}.json", RESULTS / f".{slug(cell)}.lock"
+        if path.exists():
+            continue
+        if stop and time.time() > stop:
+            print("stop time reached", file=sys.stderr)
+            return
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # another runner has it
+        except FileExistsError:
+            continue
+        os.close(fd)
+        try:
+            t0 = time.perf_counter()
+            result = run(cell)
+            result.update(wall_seconds=time.perf_counter() - t0, machine=machine(),
+                          finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+            tmp.replace(path)
+            print(f"{slug(cell)}: {_main(result):.1f} in {result['wall_seconds']:.0f}s", file=sys.stderr)
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _deadline(hhmm: str | None) -> float | None:
+    if not hhmm:
+        return None
+    h, m = map(int, hhmm.split(":"))
+    now = time.localtime()
+    return time.mktime(now[:3] + (h, m, 0) + now[6:])
+
+
+def _main(r: dict, key: str = "dev") -> float:
+    """The dev metric x100 (Spearman for STS-B, accuracy otherwise)."""
+    metrics = r[key] if key == "dev" else r["dense"]["dev"]
+    return 100 * metrics.get("spearman", metrics.get("accuracy", float("nan")))
+
+
+def load() -> list[dict]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(RESULTS.glob("*.json"))]
+
+
+def render(rows: list[dict]) -> str:
+    from ppkit.plotting import plot_vs_flops
+
+    cells = defaultdict(list)
+    for r in rows:
+        if "dev" in r:
+            cells[(r["task"], r["strategy"], r["compensation"], r["budget"])].append(_main(r))
+    done, total = len(rows), len(grid())
+    out = [START, "", "## Retraining-free pruning of a fine-tuned MiniLM (no training after pruning)", "",
+           "Generated by `python benchmarks/retraining_free.py --report` from `benchmarks/results/retraining_free/`.", "",
+           f"**Status:** {done} of {total} cells done. Source: all-MiniLM-L6-v2 fine-tuned densely by `ppkit finetune` "
+           f"(recipe cpu-v2); pruned with {SAMPLES} calibration samples of the train split, then scored on the full dev set "
+           "(x100; Spearman for STS-B). Reconstruction: none / `--compensate lstsq` (one shot) / `lstsq-seq` "
+           "(sequential). random: mean over the pruning seeds done. `fisher` has no mask rearrangement or mask tuning "
+           "(see plugins/fisher.py); lstsq is ppkit's reconstruction for every strategy.", ""]
+    panels = []
+    for task in [t for t in TASKS if any(k[0] == t for k in cells)]:
+        dense = next(_main(r, "dense") for r in rows if r["task"] == task)
+        budgets = sorted({k[3] for k in cells if k[0] == task}, reverse=True)
+        out += [f"**{NAMES[task]}** (dense fine-tuned: {dense:.1f})", "",
+                "| strategy | reconstruction | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+                "| --- | --- |" + " ---: |" * len(budgets)]
+        series = {}
+        for strategy in STRATEGIES:
+            for comp in COMPENSATIONS:
+                vals = [cells.get((task, strategy, comp, b)) for b in budgets]
+                if any(vals):
+                    out.append(f"| {strategy} | {comp} | " + " | ".join(
+                        f"{statistics.fmean(v):.1f}" + (f" ({len(v)})" if len(v) > 1 else "") if v else "·" for v in vals) + " |")
+                    pts = [(b, statistics.fmean(v)) for b, v in zip(budgets, vals) if v]
+                    if comp != "lstsq":
+                        series[f"{strategy} {comp}"] = ([p[0] for p in pts], [p[1] for p in pts])
+        out.append("")
+        panels.append({"series": series, "ylabel": "dev x100", "title": NAMES[task], "reference": dense,
+                       "reference_label": "dense fine-tuned"})
+    cost = [r for r in rows if "prune_seconds" in r]
+    if cost:
+        out += ["Time to prune / one forward pass over the calibration samples (median over cells, one thread): " + "; ".join(
+            f"{s} {c}: {statistics.median(r['prune_seconds'] / r['dense']['forward_seconds'] for r in cost if r['strategy'] == s and r['compensation'] == c):.1f}x"
+            for s in STRATEGIES for c in COMPENSATIONS
+            if any(r["strategy"] == s and r["compensation"] == c for r in cost)) + ".", ""]
+    if panels:
+        plot_vs_flops(PLOT, panels, suptitle="Pruning a fine-tuned MiniLM without retraining")
+        out += [f"![retraining-free]({PLOT.relative_to(HERE)})", ""]
+    out.append(END)
+    return "\n".join(out) + "\n"
+
+
+def write(text: str) -> None:
+    current = README.read_text(encoding="utf-8")
+    if START in current:
+        head, rest = current.split(START, 1)
+        current = head + text.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + text
+    README.write_text(current, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--list", action="store_true", help="show done / remaining cells")
+    p.add_argument("--report", action="store_true", help="write the table and plot into benchmarks/README.md")
+    p.add_argument("--tasks", help="comma list (default: stsb,mrpc,sst2)")
+    p.add_argument("--stop-at", help="HH:MM local time: start no cell after it")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: run two runners instead)")
+    args = p.parse_args(argv)
+    if args.list:
+        done = {p.stem for p in RESULTS.glob("*.json")}
+        todo = [slug(c) for c in grid() if slug(c) not in done]
+        print(f"{len(done)} done, {len(todo)} remain; next: {', '.join(todo[:5])}")
+    elif args.report:
+        write(render(load()))
+        print(f"wrote {README}", file=sys.stderr)
+    else:
+        main_run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -196,13 +196,27 @@ class _OnnxWrapper(nn.Module):
         self.model = model
         self.input_names = list(input_names)
         self.output_names = list(output_names)
+        self.decoder = decoder
         self.extra: dict[str, Any] = {"return_dict": True}
         if decoder and "use_cache" in inspect.signature(model.forward).parameters:
             self.extra["use_cache"] = False
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(**dict(zip(self.input_names, args)), **self.extra)
+        inputs = dict(zip(self.input_names, args))
+        if self.decoder:
+            inputs["attention_mask"] = causal_additive_mask(inputs["attention_mask"], self.model.dtype)
+        out = self.model(**inputs, **self.extra)
         return tuple(out[name] for name in self.output_names)
+
+
+def causal_additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [batch, 1, query, key] additive mask a decoder builds from a 2D padding mask (0 where a query may
+    attend: causal and not padding; the dtype's minimum elsewhere). Built in the exported graph itself:
+    transformers passes a 4D mask through unchanged, while its own mask builder in 4.x vmaps, which the
+    TorchScript tracer cannot follow."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    allowed = (positions[None, :] <= positions[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @contextlib.contextmanager

@@ -248,6 +248,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing ONNX file (atomically, after the check passes)."),
     optimize: bool = typer.Option(False, "--optimize", help="onnxruntime's transformer fusions with each layer's own head count, checked against the unfused graph (generic optimizers given the config's head count break pruned models)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantization of the checked fp32 graph (default file model-int8.onnx), checked by output cosine against fp32."),
+    with_past: bool = typer.Option(False, "--with-past", help="GPT-2 LM for generation: KV-cache inputs/outputs per layer (uneven heads kept), default file model-with-past.onnx."),
 ) -> None:
     """Export a model to ONNX with dynamic batch/sequence axes, then check it against torch in onnxruntime.
 
@@ -256,6 +257,8 @@ def export(
       ppkit export minilm-sst2-60 --onnx
 
       ppkit export minilm-sst2-60 --onnx --quantize int8     # writes minilm-sst2-60/model-int8.onnx
+
+      ppkit export gpt2-ptb-50 --with-past                    # writes gpt2-ptb-50/model-with-past.onnx
     """
     from ppkit.errors import InputError
     from ppkit.export import export_onnx
@@ -269,6 +272,18 @@ def export(
     low, high = _opset_range()
     if not low <= opset <= high:
         raise InputError(f"--opset must be between {low} and {high} (the opsets torch's ONNX exporter supports), got {opset}")
+    if with_past:
+        if quantize or optimize or head not in (None, "causal-lm"):
+            raise InputError("--with-past exports a causal LM as it is: leave out --quantize, --optimize and --head")
+        from ppkit.export_past import export_with_past
+
+        past = export_with_past(model, out, opset=opset, check=check, atol=atol, overwrite=overwrite)
+        diff = "not checked" if past.max_abs_diff is None else f"{past.max_abs_diff:.2e}"
+        stderr.print(f"[green]exported[/] {past.path} · opset {past.opset} · KV cache of {past.layers} layers, heads "
+                     f"{past.cache_heads} · max |ORT - torch| {diff} · {past.seconds:.1f}s")
+        if as_json:
+            _emit_json({k: str(v) if isinstance(v, Path) else v for k, v in vars(past).items()})
+        return
     report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check, overwrite=overwrite,
                          quantize=quantize, optimize=optimize)
     diff = "not checked" if report.max_abs_diff is None else f"{report.max_abs_diff:.2e}"

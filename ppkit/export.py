@@ -209,13 +209,17 @@ class _OnnxWrapper(nn.Module):
         return tuple(out[name] for name in self.output_names)
 
 
-def causal_additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [batch, 1, query, key] additive mask a decoder builds from a 2D padding mask (0 where a query may
-    attend: causal and not padding; the dtype's minimum elsewhere). Built in the exported graph itself:
+def causal_additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, queries: int | None = None) -> torch.Tensor:
+    """The [batch, 1, queries, keys] additive mask a decoder builds from a 2D padding mask over all keys
+    (the cached ones first): 0 where a query (the last ``queries`` positions; default all) may attend
+    (causal and not padding), the dtype's minimum elsewhere. Built in the exported graph itself:
     transformers passes a 4D mask through unchanged, while its own mask builder in 4.x vmaps, which the
     TorchScript tracer cannot follow."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    allowed = (positions[None, :] <= positions[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+    keys = attention_mask.shape[1]
+    queries = keys if queries is None else queries
+    key_pos = torch.arange(keys, device=attention_mask.device)
+    query_pos = torch.arange(queries, device=attention_mask.device) + (keys - queries)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & attention_mask[:, None, None, :].bool()
     return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
@@ -286,7 +290,7 @@ def export_onnx(
     with segment embeddings), int64 with dynamic ``batch`` and ``sequence`` axes. Outputs follow the
     head: ``last_hidden_state`` (base), ``logits`` (sequence / token classification, causal / masked
     LM), ``start_logits`` + ``end_logits`` (question answering). GPT-2 is exported without a KV
-    cache. For a model directory, ``out_file`` defaults to ``<dir>/model.onnx`` and the head to the
+    cache here (:func:`ppkit.export_past.export_with_past` writes the graph for generation). For a model directory, ``out_file`` defaults to ``<dir>/model.onnx`` and the head to the
     one in its config; a hub name is loaded with :func:`ppkit.models.load_model` (head "base" by
     default); an existing directory as ``out_file`` means ``<out_file>/model.onnx``. With ``check`` the
     graph is validated with ``onnx.checker`` and run with onnxruntime on two input sizes; an

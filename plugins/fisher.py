@@ -13,8 +13,9 @@ Differences from the paper, on purpose: the calibration data here is unlabeled, 
 example is taken at a label *sampled from the model's own prediction* (the true Fisher, rather than the
 empirical Fisher at the gold label; for regression, the prediction plus unit Gaussian noise); the
 paper's mask rearrangement and mask tuning (per-unit rescaling by least squares) are not implemented:
-``--compensate lstsq`` is ppkit's weight reconstruction. Per-example gradients, like the paper's, cost
-one forward and backward pass per calibration example (the ``examples`` option caps them).
+``--compensate lstsq`` is ppkit's weight reconstruction. Per-example gradients, like the paper's, come
+from one batched forward and backward pass per calibration batch, each example with its own copy of
+the masks (the ``examples`` option caps the examples used).
 """
 
 from __future__ import annotations
@@ -33,70 +34,76 @@ from ppkit.strategy import PruningContext, Strategy
 def fisher_scores(model: nn.Module, adapter, batches, *, max_examples: int | None = None,
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Diagonal Fisher of the head masks [layers, heads] and neuron masks [layers, ffn_dim] over the
-    examples of ``batches`` (each example alone, padding trimmed)."""
+    examples of ``batches``: sum over examples of (dL_i / dm)^2.
+
+    Per-example gradients in one batched backward pass: every example gets its own copy of the masks
+    (``[batch, layers, units]``), so the gradient of the summed loss with respect to a copy is that
+    example's gradient. Each example's label is drawn with a generator seeded by ``seed`` and its
+    index, so the scores do not depend on how the examples are batched (or padded)."""
     shape = adapter.shape()
-    heads = torch.ones(shape.num_layers, shape.num_heads, requires_grad=True)
-    neurons = torch.ones(shape.num_layers, shape.ffn_dim, requires_grad=True)
-    head_fisher = torch.zeros_like(heads)
-    neuron_fisher = torch.zeros_like(neurons)
+    head_fisher = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
+    neuron_fisher = torch.zeros(shape.num_layers, shape.ffn_dim, dtype=torch.float64)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(kind: str, layer: int):
+        def multiply(module, args):
+            mask = current[kind][:, layer]
+            if kind == "heads":
+                mask = mask.repeat_interleave(shape.head_dim, dim=-1)
+            return (args[0] * mask[:, None, :].to(args[0].dtype),) + tuple(args[1:])
+        return multiply
 
     handles = []
     for layer in range(shape.num_layers):
-        handles.append(adapter.head_context_module(layer).register_forward_pre_hook(_head_hook(heads, layer, shape.head_dim)))
-        handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(_neuron_hook(neurons, layer)))
-    generator = torch.Generator().manual_seed(seed)
+        handles.append(adapter.head_context_module(layer).register_forward_pre_hook(hook("heads", layer)))
+        handles.append(adapter.ffn_activation_module(layer).register_forward_pre_hook(hook("neurons", layer)))
     was_training = model.training
     model.eval()
     seen = 0
     try:
         for batch in batches:
-            for row in range(batch["input_ids"].shape[0]):
-                if max_examples is not None and seen >= max_examples:
-                    break
-                length = int(batch["attention_mask"][row].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
-                example = {k: v[row:row + 1, :length] for k, v in batch.items() if v.dim() == 2}
-                loss = _sampled_label_loss(model(**example), generator)
-                heads.grad = neurons.grad = None
-                loss.backward()
-                head_fisher += heads.grad.detach() ** 2
-                neuron_fisher += neurons.grad.detach() ** 2
-                seen += 1
+            take = batch["input_ids"].shape[0] if max_examples is None else min(batch["input_ids"].shape[0], max_examples - seen)
+            if take <= 0:
+                break
+            inputs = {k: v[:take] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2}
+            real = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+            current["heads"] = torch.ones(take, shape.num_layers, shape.num_heads, requires_grad=True)
+            current["neurons"] = torch.ones(take, shape.num_layers, shape.ffn_dim, requires_grad=True)
+            loss = _sampled_label_loss(model(**inputs), real, seed, seen)
+            heads, neurons = torch.autograd.grad(loss, (current["heads"], current["neurons"]))
+            head_fisher += heads.double().pow(2).sum(0)
+            neuron_fisher += neurons.double().pow(2).sum(0)
+            seen += take
     finally:
         for handle in handles:
             handle.remove()
+        current.clear()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
-    return head_fisher.numpy().astype(np.float64), neuron_fisher.numpy().astype(np.float64)
+    return head_fisher.numpy(), neuron_fisher.numpy()
 
 
-def _head_hook(heads: torch.Tensor, layer: int, head_dim: int):
-    def hook(module, args):
-        mask = heads[layer].repeat_interleave(head_dim)
-        return (args[0] * mask.to(args[0].dtype),) + tuple(args[1:])
-    return hook
+def _generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
-def _neuron_hook(neurons: torch.Tensor, layer: int):
-    def hook(module, args):
-        return (args[0] * neurons[layer].to(args[0].dtype),) + tuple(args[1:])
-    return hook
-
-
-def _sampled_label_loss(out, generator: torch.Generator) -> torch.Tensor:
-    """-log p(y | x) at y sampled from the model's own predictive distribution."""
+def _sampled_label_loss(out, real: torch.Tensor, seed: int, first: int) -> torch.Tensor:
+    """Sum over the batch of -log p(y_i | x_i), y_i sampled from the model's own predictive distribution
+    (each example ``first + i`` with its own generator); padding positions take no part."""
+    rows = range(real.shape[0])
     if getattr(out, "start_logits", None) is not None:  # extractive QA: a start and an end position
-        return sum(_categorical_nll(logits[0], generator) for logits in (out.start_logits, out.end_logits))
+        return sum(_categorical_nll(logits[i][real[i]], _generator(seed, first + i))
+                   for logits in (out.start_logits, out.end_logits) for i in rows)
     logits = getattr(out, "logits", None)
     if logits is None:
         raise InputError("fisher needs a model with a task head (a fine-tuned classifier or QA model, or GPT-2's "
                          "LM head): prune a fine-tuned checkpoint")
-    logits = logits[0]
-    if logits.dim() == 2:  # language model: a token per position, predicting the next one
-        return _categorical_nll(logits[:-1], generator)
+    if logits.dim() == 3:  # language model: a token per real position, predicting the next one
+        return sum(_categorical_nll(logits[i][real[i]][:-1], _generator(seed, first + i)) for i in rows)
     if logits.shape[-1] == 1:  # regression: a Gaussian of unit variance around the prediction
-        target = logits.detach() + torch.randn(logits.shape, generator=generator)
-        return 0.5 * ((logits - target) ** 2).sum()
-    return _categorical_nll(logits, generator)
+        noise = torch.stack([torch.randn(1, generator=_generator(seed, first + i)) for i in rows])
+        return 0.5 * ((logits - (logits.detach() + noise)) ** 2).sum()
+    return sum(_categorical_nll(logits[i], _generator(seed, first + i)) for i in rows)
 
 
 def _categorical_nll(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -158,7 +165,7 @@ STRATEGY = Strategy(
                 "FLOPs-constrained mask search; needs a task head",
     prune=prune,
     needs=frozenset({"batches"}),
-    options={"examples": "cap on the calibration examples used (default: all; one backward pass each)"},
+    options={"examples": "cap on the calibration examples used (default: all)"},
 )
 
 

@@ -57,6 +57,27 @@ def test_units_without_effect_have_zero_fisher():
     assert (np.delete(heads.ravel(), 1) > 0).all() and (neurons[0] > 0).all()
 
 
+@pytest.mark.parametrize("cls,num_labels", [("BertForSequenceClassification", 3), ("BertForSequenceClassification", 1),
+                                            ("GPT2LMHeadModel", None), ("BertForQuestionAnswering", None)])
+def test_batched_per_example_fisher_equals_one_example_at_a_time(cls, num_labels):
+    """The batched pass (a mask copy per example) gives each example's own gradient: the same scores as
+    one unpadded example per pass, the paper's definition, for classification, regression, LM and QA."""
+    from conftest import make_tiny_gpt2
+
+    model = make_tiny_gpt2(cls) if cls.startswith("GPT2") else make_tiny_bert(cls, **({"num_labels": num_labels} if num_labels else {}))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (4, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:], mask[3, 4:] = 0, 0  # right padding, as calibration batches have
+    together = fisher_scores(model, get_adapter(model), [{"input_ids": ids, "attention_mask": mask}], seed=5)
+    alone = [{"input_ids": ids[i:i + 1, :int(mask[i].sum())], "attention_mask": mask[i:i + 1, :int(mask[i].sum())]}
+             for i in range(4)]
+    one_by_one = fisher_scores(model, get_adapter(model), alone, seed=5)
+    for a, b in zip(together, one_by_one):
+        assert (b > 0).any()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9 * b.max())
+
+
 def test_fisher_prunes_a_fine_tuned_classifier_and_refuses_a_headless_model():
     from transformers import AutoTokenizer
 

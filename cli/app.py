@@ -319,11 +319,11 @@ def bench(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Dense model measured side by side in the same run; speedups are against it."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Also measure quality on the task's dev data (accuracy, F1, Matthews, Pearson/Spearman, EM/F1, perplexity)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Local dev data (GLUE-style folder or file)."),
-    batch_sizes: str = typer.Option("1,8,32", "--batch-sizes", help="Comma-separated batch sizes."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length of the timing inputs (and of the FLOPs count)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default 1,8,32; with --decode 1,8)."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length of the timing inputs (and of the FLOPs count); with --decode the prompt length."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (ORT with CUDAExecutionProvider needs onnxruntime-gpu)."),
     backend: str = typer.Option("ort", "--backend", help="ort, torch or both."),
-    repeats: int = typer.Option(20, "--repeats", help="Timed repeats per batch size (after warm-up)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats per batch size after warm-up (default 20; with --decode 3)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed warm-up calls."),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate quality on the first N dev examples."),
     quality: bool = typer.Option(True, "--quality/--no-quality", help="Measure task quality (needs --task)."),
@@ -332,25 +332,62 @@ def bench(
     int8: bool = typer.Option(False, "--int8", help="Also time (and score) each model's onnxruntime int8 variant in the same rounds; a quality-vs-latency plot goes beside --plot."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency and quality vs FLOPs ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout (the table goes to stderr)."),
+    decode: bool = typer.Option(False, "--decode", help="Causal LMs: greedy-decode throughput (tokens/s) with the KV cache instead of forward latency; --backend both times torch generate and onnxruntime."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="With --decode: tokens generated per run."),
 ) -> None:
     """Latency (p50/p90/mean), throughput, speedup vs a baseline, FLOPs, parameters and task quality.
 
-    Example:
+    Examples:
 
       ppkit bench minilm-sst2-60 --baseline ../shared/data/models/all-MiniLM-L6-v2 --task sst2 --data ../shared/data/glue/SST-2 --batch-sizes 1,8
+
+      ppkit bench gpt2-ptb-50 --baseline gpt2-small --decode --backend both     # tokens/s, prompt 128 + 64 new
     """
     from ppkit.bench import benchmark, render_table
     from ppkit.saving import check_output_file
 
     for path, flag in ((json_out, "--json-out"), (plot, "--plot")):
         check_output_file(path, flag)  # fail now, not after minutes of timing
+    if decode:
+        _bench_decode(models, baseline, batch_sizes or "1,8", seq_len, new_tokens, backend, repeats or 3, warmup,
+                      threads, json_out, as_json)
+        return
     report = benchmark(
-        models, baseline=baseline, task=task, data=data, batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
-        seq_len=seq_len, device=device, backend=backend, repeats=repeats, warmup=warmup,
+        models, baseline=baseline, task=task, data=data, batch_sizes=_int_list(batch_sizes or "1,8,32", "--batch-sizes"),
+        seq_len=seq_len, device=device, backend=backend, repeats=20 if repeats is None else repeats, warmup=warmup,
         eval_limit=eval_limit, json_out=json_out, plot=plot, progress=True, quality=quality, threads=threads, int8=int8)
     (stderr if as_json else stdout).print(render_table(report))
     if as_json:
         _emit_json(report.to_dict())
+
+
+def _bench_decode(models: list[str], baseline: Optional[str], batch_sizes: str, prompt_len: int, new_tokens: int,
+                  backend: str, repeats: int, warmup: int, threads: Optional[int], json_out: Optional[Path],
+                  as_json: bool) -> None:
+    import json
+
+    from ppkit.decode_bench import decode_throughput, render_decode_table
+    from ppkit.errors import InputError
+    from ppkit.models import load_model
+
+    if backend not in ("ort", "torch", "both"):
+        raise InputError(f"unknown backend {backend!r}: use 'ort', 'torch' or 'both'")
+    if new_tokens < 1:
+        raise InputError(f"--new-tokens must be positive, got {new_tokens}")
+    names = ([baseline] if baseline else []) + list(models)
+    loaded = [(Path(n).name or n, load_model(n, head="causal-lm")) for n in names]
+    results = decode_throughput(loaded, prompt_len=prompt_len, new_tokens=new_tokens,
+                                batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+                                backends=("torch", "ort") if backend == "both" else (backend,),
+                                repeats=repeats, warmup=min(warmup, 1), threads=threads)
+    report = {"settings": {"prompt_len": prompt_len, "new_tokens": new_tokens, "decoding": "greedy, KV cache",
+                           "baseline": loaded[0][0] if baseline else None, "threads": threads},
+              "results": [r.to_dict() for r in results]}
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (stderr if as_json else stdout).print(render_decode_table(results))
+    if as_json:
+        _emit_json(report)
 
 
 def _cli_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], type]:

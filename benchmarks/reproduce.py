@@ -103,11 +103,14 @@ class Recipe:
     fidelity_sentences: int = 500
     threads: int = 1
     finetune_defaults: dict | None = None
+    # the library's learning-rate table of each classification task (None: not a classification task)
+    classification_learning_rates: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["finetune_defaults"] is None:
-            del d["finetune_defaults"]  # v1 cells were recorded without it
+        for key in ("finetune_defaults", "classification_learning_rates"):
+            if d[key] is None:
+                del d[key]  # earlier cells were recorded without them
         return d
 
     def key(self) -> str:
@@ -117,7 +120,9 @@ class Recipe:
 def task_recipe(recipe: dict, task: str) -> dict:
     """The part of a recipe (as recorded in a result) that decides ``task``'s numbers: the per-task
     dicts reduced to that task, so changing one task's subset leaves the other tasks' cells valid."""
-    return {k: (v.get(task) if isinstance(v, dict) and task in v else v) for k, v in recipe.items() if k != "name"}
+    reduced = {k: (v.get(task) if isinstance(v, dict) and task in v else v) for k, v in recipe.items() if k != "name"}
+    # a per-task entry that is None for this task is the same as no entry (cells recorded before it existed)
+    return {k: v for k, v in reduced.items() if not (k == "classification_learning_rates" and v is None)}
 
 
 def _library_defaults() -> dict:
@@ -129,6 +134,14 @@ def _library_defaults() -> dict:
             "head_init": True, "pooling": "checkpoint"}
 
 
+def _classification_rates() -> dict:
+    from ppkit import recipe
+    from ppkit.tasks import get_task
+
+    return {t: [list(x) for x in recipe.CLASSIFICATION_LEARNING_RATES] if get_task(t).kind == "classification" else None
+            for t in TASKS}
+
+
 RECIPE_V1 = Recipe()
 # v2: full train sets (SST-2: 20,000 rows), the paper's 3000 calibration samples, and ppkit finetune's
 # defaults (the recipe that learns: lr by width, >= 1000 steps, warm-up, head bias init, mean pooling).
@@ -138,6 +151,7 @@ RECIPE_V2 = Recipe(
     epochs={"sst2": None, "mrpc": None, "stsb": None, "rte": None},
     batch_size=None, learning_rate=None, warmup_ratio=None, weight_decay=None,
     finetune_defaults=_library_defaults(),
+    classification_learning_rates=_classification_rates(),
 )
 RECIPES = {r.name: r for r in (RECIPE_V1, RECIPE_V2)}
 RECIPE = RECIPE_V2
@@ -481,7 +495,8 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
 
 def teacher_dir(task: str, recipe: Recipe, cache_dir: Path) -> Path:
     """Where the dense fine-tuned model of ``task`` (the "-kd" cells' teacher) is kept."""
-    return cache_dir / "reproduce" / f"teacher-{task}-{recipe.key()}"
+    key = hashlib.sha1(json.dumps(task_recipe(recipe.to_dict(), task), sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir / "reproduce" / f"teacher-{task}-{key}"
 
 
 def _write(results_dir: Path, cell: Cell, out: dict, recipe: Recipe, start: float, load_before, model_path: Path,

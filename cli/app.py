@@ -163,7 +163,7 @@ def finetune(
     data: Optional[Path] = typer.Option(None, "--data", help="Local data instead of the hub (GLUE-style folder or file)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default GLUE: 3, more on small train sets to reach --min-steps, at most 10; SQuAD / LM: the paper's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch size (default GLUE: 16 below 10,000 train examples, else 32); split across torchrun processes."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default GLUE: by model width, 1e-4 up to hidden 384, 5e-5 up to 512, else 2e-5)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default GLUE: by model width; regression 1e-4 up to hidden 384, classification 5e-5 up to 512, else 2e-5)."),
     warmup_ratio: Optional[float] = typer.Option(None, "--warmup-ratio", help="Share of the steps with a linear learning-rate warm-up, in [0, 1) (default GLUE 0.1), then linear decay."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay, not applied to biases and LayerNorm (default GLUE 0.01)."),
     min_steps: Optional[int] = typer.Option(None, "--min-steps", help="With no --epochs, add epochs until this many optimizer steps (default 1000; 0: off)."),

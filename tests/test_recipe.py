@@ -54,7 +54,9 @@ def toy_sst2(folder: Path, rows: int = 240, seed: int = 0) -> Path:
 def test_default_recipe_scales_with_model_width_and_train_size():
     glue = get_task("mrpc")
     small = default_recipe(glue, hidden_size=384, train_examples=3668)
-    assert (small.learning_rate, small.batch_size, small.epochs) == (1e-4, 16, 5)  # 230 steps/epoch -> 1000 steps
+    assert (small.learning_rate, small.batch_size, small.epochs) == (5e-5, 16, 5)  # 230 steps/epoch -> 1000 steps
+    regression = default_recipe(get_task("stsb"), hidden_size=384, train_examples=5749)
+    assert (regression.learning_rate, regression.epochs) == (1e-4, 3)  # a larger step for a small model's regression
     assert (small.warmup_ratio, small.weight_decay) == (0.1, 0.01)
     base = default_recipe(get_task("sst2"), hidden_size=768, train_examples=67349)
     assert (base.learning_rate, base.batch_size, base.epochs) == (2e-5, 32, 3)

@@ -24,6 +24,8 @@ from .plan import PruningPlan
 log = logging.getLogger("ppkit")
 
 COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "merge")
+#: heads that only a fine-tuned checkpoint has (their weights are trained, and kept by prune)
+FINE_TUNED_HEADS = ("sequence-classification", "question-answering", "token-classification")
 
 
 @dataclass
@@ -252,7 +254,7 @@ def prune(
         "family": shape.family,
         "head": head,
         # a task head (classifier, QA) is trained: the source was fine-tuned, and the head is kept
-        "source_fine_tuned": head in ("sequence-classification", "question-answering", "token-classification"),
+        "source_fine_tuned": head in FINE_TUNED_HEADS,
         "task": spec.name,
         "data": calib.source,
         "strategy": strategy,
@@ -280,7 +282,10 @@ def prune(
         "ffn_dim": plan.ffn_dim,
         "plan_meta": plan.meta,
         "compensation": compensation_report,
-        "warnings": list(getattr(calib, "warnings", []) or []),
+        "warnings": list(getattr(calib, "warnings", []) or []) + (
+            ["the source is fine-tuned and nothing was compensated: to use the pruned model without training "
+             "it again, add --compensate lstsq (benchmarks/README.md, retraining-free pruning)"]
+            if head in FINE_TUNED_HEADS and compensate == "none" else []),
         "timings_s": {},
         "versions": versions(),
     }

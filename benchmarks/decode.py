@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                                      batch_sizes=(1, 8), repeats=args.repeats, threads=args.threads)
             shapes[shape] = {"rows": [r.to_dict() for r in rows], "lm_head_params": dense.lm_head.weight.numel()}
             print(shape, [(r.model, r.backend, r.batch, round(r.tokens_per_s)) for r in rows], file=sys.stderr)
+        import os
+
         data = {"settings": f"Prompt 128 + 64 new tokens, median of {args.repeats} interleaved rounds, "
-                            f"{args.threads} thread(s), onnxruntime CPU (spinning off), random weights.",
+                            f"{args.threads} thread(s), onnxruntime CPU (spinning off), random weights; load "
+                            f"average {os.getloadavg()[0]:.1f} at the end (other jobs on the cores add noise).",
                 "machine": machine_info(), "shapes": shapes}
         RESULTS.write_text(json.dumps(data, indent=1), encoding="utf-8")
     write_readme(render(json.loads(RESULTS.read_text(encoding="utf-8"))))

@@ -92,8 +92,37 @@ def render(rows: list[dict]) -> str:
                              f"time per epoch x{statistics.fmean(cost):.2f})")
     if gains:
         out += ["What `--teacher` adds to Dual-CP (same fine-tune seeds, points): " + "; ".join(gains) + ".", ""]
+    tests = [(a, b, paired(rows, a, b)) for a, b in PAIRS]
+    lines = [f"- {LABELS[a]} vs {LABELS[b]}: {t['mean']:+.1f} points on average over {t['n']} pairs "
+             f"({t['wins']} wins, {t['losses']} losses), Wilcoxon p = {t['p']:.2g}" for a, b, t in tests if t]
+    out += ["Paired comparisons (two-sided Wilcoxon signed-rank test over every task × budget × fine-tune seed "
+            "both strategies ran, pruning seed 0):", ""] + (lines or ["- fewer than 3 pairs so far for every comparison"]) + [""]
     out.append(END)
     return "\n".join(out) + "\n"
+
+
+#: the comparisons the verdict rests on: (strategy, against)
+PAIRS = (("dual-cp", "random"), ("dual-cp", "kcm"), ("dual-cp", "worst"), ("dual-cp-lstsq-kd", "random-lstsq-kd"))
+
+
+def paired(rows: list[dict], a: str, b: str, budgets=V2_BUDGETS) -> dict | None:
+    """``a`` against ``b`` over every (task, budget, fine-tune seed) both ran (pruning seed 0): mean
+    difference in points, wins / losses, and the two-sided Wilcoxon signed-rank p-value (scipy; exact
+    for small n). None when fewer than 3 pairs exist."""
+    from scipy.stats import wilcoxon
+
+    def keyed(strategy: str) -> dict:
+        return {(r["task"], round(float(r["budget"]), 2), r.get("ft_seed", 0)): score(r) for r in rows
+                if r["strategy"] == strategy and r.get("seed", 0) == 0 and score(r) is not None
+                and round(float(r["budget"]), 2) in budgets}
+
+    left, right = keyed(a), keyed(b)
+    diffs = [left[k] - right[k] for k in sorted(set(left) & set(right))]
+    if len(diffs) < 3:
+        return None
+    p = 1.0 if all(d == 0 for d in diffs) else float(wilcoxon(diffs).pvalue)
+    return {"n": len(diffs), "mean": statistics.fmean(diffs), "wins": sum(d > 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs), "p": p}
 
 
 def _epoch_seconds(r: dict) -> float:

@@ -218,3 +218,21 @@ def test_teacher_cell_trains_its_dense_teacher_first_and_the_v2_report_shows_it(
     text = _load_bench("report_v2").render([dense, res])
     assert "| STS-B | 1 | 16 | 0.0001 |" in text
     assert "| Dual-CP + --teacher | · | · | " in text and "of 164 cells" in text
+
+
+def test_v2_report_pairs_strategies_over_tasks_budgets_and_fine_tune_seeds():
+    """The paired test compares only (task, budget, fine-tune seed) both strategies ran, with pruning seed 0."""
+    rv2 = _load_bench("report_v2")
+
+    def row(task, strategy, budget, ft, value, seed=0):
+        return {"cell": f"{task}/{strategy}/{budget}/{seed}/ft{ft}", "task": task, "strategy": strategy, "budget": budget,
+                "seed": seed, "ft_seed": ft, "finetune": {"best_metric": value / 100}}
+
+    rows = [row(t, "dual-cp", b, ft, 80 + ft + 2) for t in ("mrpc", "stsb") for b in (0.6, 0.4) for ft in (0, 1)]
+    rows += [row(t, "random", b, ft, 80 + ft) for t in ("mrpc", "stsb") for b in (0.6, 0.4) for ft in (0, 1)]
+    rows += [row("rte", "random", 0.6, 0, 99.0), row("mrpc", "random", 0.6, 0, 10.0, seed=1)]  # unpaired
+    t = rv2.paired(rows, "dual-cp", "random")
+    assert (t["n"], t["wins"], t["losses"]) == (8, 8, 0) and abs(t["mean"] - 2.0) < 1e-9
+    assert t["p"] < 0.01  # 8 of 8 the same way: exact two-sided p = 2 / 2^8
+    assert rv2.paired(rows, "dual-cp", "kcm") is None
+    assert "Dual-CP (ours / +CS) vs random: +2.0 points on average over 8 pairs (8 wins, 0 losses)" in rv2.render(rows)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import dense_model, uniform_plan  # noqa: E402
+from sections import replace_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "decode.json"
@@ -61,16 +62,6 @@ def render(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_readme(text: str) -> None:
-    current = README.read_text(encoding="utf-8")
-    if START in current:
-        head, rest = current.split(START, 1)
-        current = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    README.write_text(current, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"average {os.getloadavg()[0]:.1f} at the end (other jobs on the cores add noise).",
                 "machine": machine_info(), "shapes": shapes}
         RESULTS.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    write_readme(render(json.loads(RESULTS.read_text(encoding="utf-8"))))
+    replace_section(README, START, END, render(json.loads(RESULTS.read_text(encoding="utf-8"))))
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_report import README, TASK_NAMES, failed_cells, fmt, load_glue, majority_rate, score  # noqa: E402
+from sections import replace_section  # noqa: E402
 from reproduce import LABELS, RECIPE_V2, RESULTS_BY_RECIPE, V2_BUDGETS, grid_v2, is_current  # noqa: E402
 
 START, END = "<!-- reproduce-v2:start -->", "<!-- reproduce-v2:end -->"
@@ -131,14 +132,8 @@ def _epoch_seconds(r: dict) -> float:
 
 
 def write(text: str, readme: Path = README) -> None:
-    current = readme.read_text(encoding="utf-8")
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:  # first time: before the cpu-v1 section, which becomes history
-        anchor = "<!-- reproduce:start -->"
-        current = current.replace(anchor, text + "\n" + anchor, 1) if anchor in current else current + "\n" + text
-    readme.write_text(current, encoding="utf-8")
+    """The section goes before the cpu-v1 one (history) the first time."""
+    replace_section(readme, START, END, text, before="<!-- reproduce:start -->")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import replace_section  # noqa: E402
 from reproduce import CACHE, GLUE, RECIPE, TASK_DIRS, Cell, machine, run_cell, teacher_dir  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -222,16 +223,6 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(text: str) -> None:
-    current = README.read_text(encoding="utf-8")
-    if START in current:
-        head, rest = current.split(START, 1)
-        current = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    README.write_text(current, encoding="utf-8")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--list", action="store_true", help="show done / remaining cells")
@@ -245,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [slug(c) for c in grid() if slug(c) not in done]
         print(f"{len(done)} done, {len(todo)} remain; next: {', '.join(todo[:5])}")
     elif args.report:
-        write(render(load()))
+        replace_section(README, START, END, render(load()))
         print(f"wrote {README}", file=sys.stderr)
     else:
         main_run(args)

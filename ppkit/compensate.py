@@ -353,10 +353,7 @@ def compensate_model(
     for layer, layer_plan in enumerate(plan.layers):
         for kind, units, unit_size in (("attention", layer_plan.heads, shape.head_dim), ("ffn", layer_plan.neurons, 1)):
             mom = getattr(moments[layer], kind)
-            getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
-            weight, bias = getter(layer)
-            # solved on the CPU in float64, where the moments are, whatever the model's device
-            theta = torch.cat([weight.detach().to("cpu", torch.float64), bias.detach().to("cpu", torch.float64).unsqueeze(0)], 0)
+            theta = output_theta(adapter, layer, kind)
             n = theta.shape[0] - 1
             keep_rows = torch.tensor([u * unit_size + i for u in units for i in range(unit_size)] + [n], dtype=torch.long)
             base_rows = theta[keep_rows]
@@ -372,12 +369,28 @@ def compensate_model(
                 best_rows, best_err, best_ridge = best_candidate(candidates, held_error, base_rows)
             accepted = best_rows is not base_rows
             if accepted:
-                new_theta = theta.clone()
-                new_theta[keep_rows] = best_rows
-                setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
-                setter(layer, new_theta[:n].to(weight.device, weight.dtype), new_theta[n].to(bias.device, bias.dtype))
+                set_kept_rows(adapter, layer, kind, theta, keep_rows, best_rows)
             results.append(SublayerResult(layer, kind, err_before, best_err, accepted, best_ridge))
     return summarize(results, method)
+
+
+def output_theta(adapter, layer: int, kind: str) -> torch.Tensor:
+    """Theta = [W; b] of a sublayer's output projection ("attention" or "ffn"), float64 on the CPU,
+    where the fits are solved whatever the model's device."""
+    getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
+    weight, bias = getter(layer)
+    return torch.cat([weight.detach().to("cpu", torch.float64), bias.detach().to("cpu", torch.float64).unsqueeze(0)], 0)
+
+
+def set_kept_rows(adapter, layer: int, kind: str, theta: torch.Tensor, keep_rows: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` over the kept rows (``keep_rows``, the bias row last) of a sublayer's output projection."""
+    getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
+    setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
+    weight, bias = getter(layer)
+    new_theta = theta.clone()
+    new_theta[keep_rows] = rows
+    n = theta.shape[0] - 1
+    setter(layer, new_theta[:n].to(weight.device, weight.dtype), new_theta[n].to(bias.device, bias.dtype))
 
 
 def summarize(results: Sequence[SublayerResult], method: str) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .compensate import HOLDOUT, MOMENT_TOKENS, RIDGE_GRID, SublayerResult, best_candidate, quadratic_error, \
-    ridge_solutions, summarize
+from .compensate import HOLDOUT, MOMENT_TOKENS, RIDGE_GRID, SublayerResult, best_candidate, output_theta, \
+    quadratic_error, ridge_solutions, set_kept_rows, summarize
 from .errors import InputError
 from .masking import apply_masks
 from .plan import PruningPlan
@@ -147,15 +147,14 @@ def reconstruct_sequential(
     with apply_masks(model, plan):
         for layer, layer_plan in enumerate(plan.layers):
             for kind, units, unit_size in (("attention", layer_plan.heads, shape.head_dim), ("ffn", layer_plan.neurons, 1)):
-                weight, bias = _projection(adapter, layer, kind)
-                theta = torch.cat([weight.detach().to("cpu", torch.float64), bias.detach().to("cpu", torch.float64).unsqueeze(0)], 0)
+                theta = output_theta(adapter, layer, kind)
                 n = theta.shape[0] - 1
                 keep_cols = torch.tensor([u * unit_size + i for u in units for i in range(unit_size)], dtype=torch.long)
                 upstream_pruned = upstream_pruned or len(keep_cols) < n
                 if not upstream_pruned:
                     continue  # its inputs and outputs are the dense model's: nothing to correct
                 moments = _moments(model, selected, device, _module(adapter, layer, kind), keep_cols,
-                                   targets[(layer, kind)], bias.detach().to("cpu", torch.float64))
+                                   targets[(layer, kind)], theta[n])
                 passes += 1
                 keep_rows = torch.cat([keep_cols, torch.tensor([n])])
                 base_rows = theta[keep_rows]
@@ -166,10 +165,7 @@ def reconstruct_sequential(
                     ridge_solutions(g_fit, cross_fit, base_rows, RIDGE_GRID), held_error, base_rows)
                 accepted = best_rows is not base_rows
                 if accepted:
-                    new_theta = theta.clone()
-                    new_theta[keep_rows] = best_rows
-                    setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
-                    setter(layer, new_theta[:n].to(weight.device, weight.dtype), new_theta[n].to(bias.device, bias.dtype))
+                    set_kept_rows(adapter, layer, kind, theta, keep_rows, best_rows)
                 results.append(SublayerResult(layer, kind, err_before, best_err, accepted, best_ridge))
     report = summarize(results, "lstsq-seq")
     real = torch.cat([held for _, _, held in selected])

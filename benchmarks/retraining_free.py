@@ -63,11 +63,16 @@ def source(task: str) -> Path:
     return path
 
 
+def max_length(task: str, config) -> int:
+    """The reproduction's max length for ``task``, within the model's positions."""
+    return min(RECIPE.max_length[task], int(getattr(config, "max_position_embeddings", 10**6)))
+
+
 def dev_score(model, tokenizer, task: str) -> dict[str, float]:
     from ppkit.data import load_task_dataset
     from ppkit.training import evaluate_model
 
-    dev = load_task_dataset(task, tokenizer, "dev", data=GLUE / TASK_DIRS[task], max_length=RECIPE.max_length[task])
+    dev = load_task_dataset(task, tokenizer, "dev", data=GLUE / TASK_DIRS[task], max_length=max_length(task, model.config))
     return evaluate_model(model.eval(), dev)
 
 
@@ -81,7 +86,7 @@ def forward_seconds(task: str) -> float:
     src = source(task)
     model = load_model(src, head="sequence-classification").eval()
     calib = calibration_batches(task, load_tokenizer(src), data=GLUE / TASK_DIRS[task], samples=SAMPLES,
-                                max_length=RECIPE.max_length[task], seed=0)
+                                max_length=max_length(task, model.config), seed=0)
     t0 = time.process_time()  # CPU time (one thread): the ratio to pruning's holds on a shared machine
     with torch.inference_mode():
         for batch in calib.batches:
@@ -91,6 +96,8 @@ def forward_seconds(task: str) -> float:
 
 def run(cell: tuple) -> dict:
     import torch
+
+    from transformers import AutoConfig
 
     from ppkit.errors import BudgetError
     from ppkit.pipeline import prune
@@ -109,7 +116,7 @@ def run(cell: tuple) -> dict:
     try:
         res = prune(str(src), task=task, flops=budget, strategy=strategy, data=GLUE / TASK_DIRS[task],
                     samples=SAMPLES, seed=seed, compensate=comp, plot=False, progress=False,
-                    max_length=RECIPE.max_length[task])
+                    max_length=max_length(task, AutoConfig.from_pretrained(src)))
     except BudgetError as exc:  # KCM prunes FFN neurons only and cannot reach low budgets
         return {**out, "infeasible": str(exc)}
     r = res.report
@@ -220,7 +227,7 @@ def render(rows: list[dict]) -> str:
             if any(r["strategy"] == s and r["compensation"] == c for r in cost)) + ".", ""]
     if panels:
         plot_vs_flops(PLOT, panels, suptitle="Pruning a fine-tuned MiniLM without retraining")
-        out += [f"![retraining-free]({PLOT.relative_to(HERE)})", ""]
+        out += [f"![retraining-free]({os.path.relpath(PLOT, HERE)})", ""]
     out.append(END)
     return "\n".join(out) + "\n"
 

@@ -236,3 +236,27 @@ def test_v2_report_pairs_strategies_over_tasks_budgets_and_fine_tune_seeds():
     assert t["p"] < 0.01  # 8 of 8 the same way: exact two-sided p = 2 / 2^8
     assert rv2.paired(rows, "dual-cp", "kcm") is None
     assert "Dual-CP (ours / +CS) vs random: +2.0 points on average over 8 pairs (8 wins, 0 losses)" in rv2.render(rows)
+
+
+def test_retraining_free_cell_prunes_a_fine_tuned_source_and_the_report_renders(tmp_path, monkeypatch):
+    """benchmarks/retraining_free.py on a tiny fine-tuned regression model: a cell records the dev
+    metric, the dense reference and the CPU-time cost ratio, and the report turns cells into a table."""
+    from conftest import make_tiny_bert
+    from transformers import AutoTokenizer
+
+    rf = _load_bench("retraining_free")
+    tok = AutoTokenizer.from_pretrained(REPO.parent / "shared" / "data" / "models" / "all-MiniLM-L6-v2")
+    source = tmp_path / "stsb-ft"
+    make_tiny_bert("BertForSequenceClassification", vocab_size=tok.vocab_size, num_labels=1).save_pretrained(source)
+    tok.save_pretrained(source)
+    monkeypatch.setattr(rf, "source", lambda task: source)
+    monkeypatch.setattr(rf, "SAMPLES", 32)
+    monkeypatch.setattr(rf, "PLOT", tmp_path / "rf.png")
+
+    rows = [rf.run(("stsb", "fisher", 0.6, 0, "lstsq-seq")), rf.run(("stsb", "random", 0.6, 0, "none"))]
+    for r in rows:
+        assert r["flops_ratio"] <= 0.6 + 1e-9 and 0.0 < r["prune_cpu_seconds"]
+        assert set(r["dev"]) >= {"spearman"} and r["dense"]["forward_cpu_seconds"] > 0
+    assert rows[0]["compensation_report"]["method"] == "lstsq-seq" and rows[1]["compensation_report"] == {"method": "none"}
+    text = rf.render(rows)
+    assert "| fisher | lstsq-seq |" in text and "| random | none |" in text and (tmp_path / "rf.png").is_file()

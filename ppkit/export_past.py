@@ -76,7 +76,7 @@ class _PastWrapper(nn.Module):
         total = attention_mask.shape[1]
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, total - new:]
         out = self.model(input_ids=input_ids, attention_mask=causal_additive_mask(attention_mask, self.model.dtype, new),
-                         position_ids=positions, cache_position=torch.arange(new) + (total - new),
+                         position_ids=positions, cache_position=torch.arange(new, device=input_ids.device) + (total - new),
                          use_cache=True, return_dict=True, **{self.cache_argument: cache})
         cache = getattr(out, self.cache_argument)
         presents = []

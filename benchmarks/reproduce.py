@@ -578,12 +578,16 @@ def main(argv: list[str] | None = None) -> int:
         force = {Cell.parse(c).id for c in args.recompute}
         cells += [Cell.parse(c) for c in args.recompute if Cell.parse(c) not in cells]
     if args.list:
+        todo = 0
         for c in cells:
             r = load_result(args.results, c)
-            status = ("todo" if r is None else "infeasible" if r.get("finetune") is None
+            current = r is not None and is_current(r, recipe)
+            todo += not current
+            status = ("todo" if r is None else "stale (another recipe): todo" if not current
+                      else "infeasible" if r.get("finetune") is None
                       else f"done {r['finetune']['metric']}={r['finetune']['best_metric']:.4f}")
             print(f"{c.id:32s} {status}")
-        print(f"{sum(load_result(args.results, c) is None for c in cells)} of {len(cells)} cells to compute")
+        print(f"{todo} of {len(cells)} cells to compute")
         return 0
 
     command = "python benchmarks/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--probe-train", type=int, default=2000, help="SST-2 train sentences for the probe")
     parser.add_argument("--out", type=Path, default=RESULTS / "compensation.json")
     parser.add_argument("--report-only", action="store_true", help="only regenerate the README section from --out")
+    parser.add_argument("--no-readme", action="store_true", help="leave benchmarks/README.md alone (side runs, e.g. "
+                        "--methods none,lstsq,lstsq-seq --out benchmarks/results/compensation-seq.json)")
     parser.add_argument("--timing-only", action="store_true",
                         help="only re-measure the cost section into the existing --out (the cells stay)")
     args = parser.parse_args()
@@ -106,6 +108,7 @@ def main() -> None:
     from ppkit import registry
     from ppkit.adapters import get_adapter
     from ppkit.compensate import MOMENT_TOKENS, MomentCollector, compensate_model
+    from ppkit.sequential import reconstruct_sequential
     from ppkit.data import calibration_batches, load_task_dataset
     from ppkit.models import load_model, load_tokenizer
     from ppkit.pipeline import versions
@@ -187,7 +190,11 @@ def main() -> None:
                 for method in methods:
                     model = copy.deepcopy(dense)
                     solve_s, comp = 0.0, None
-                    if method != "none":
+                    if method == "lstsq-seq":  # sequential: its own truncated passes over the calibration batches
+                        t0 = time.perf_counter()
+                        comp = reconstruct_sequential(model, plan, seed_calib.batches, seed=seed)
+                        solve_s = time.perf_counter() - t0
+                    elif method != "none":
                         t0 = time.perf_counter()
                         comp = compensate_model(model, plan, moments[method], method=method.removesuffix("-all"),
                                                 assignments=ctx.artifacts.get("assignments"))
@@ -206,7 +213,8 @@ def main() -> None:
     result["complete"] = True
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     plot(result, args.out.with_suffix(".png"), save_figure)
-    write_readme_section(result)
+    if not args.no_readme:
+        write_readme_section(result)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
@@ -352,7 +360,7 @@ def plot(result: dict, path: Path, save_figure) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     strategies = sorted({c["strategy"] for c in result["cells"]})
-    styles = {"none": ":", "merge": "--", "lstsq": "-"}
+    styles = {"none": ":", "merge": "--", "lstsq": "-", "lstsq-seq": "-."}
     for ax, key, label in ((axes[0], "cosine", "cosine to dense embeddings"), (axes[1], "probe_accuracy", "SST-2 probe accuracy")):
         for i, strategy in enumerate(strategies):
             for method, style in styles.items():

@@ -144,12 +144,11 @@ class MomentCollector:
         layer, sublayer, part = key
         self._pending_rows.pop(key, None)
         rows = torch.cat(self._pending.pop(key))
-        getter = self.adapter.attention_output_weight if sublayer == "attention" else self.adapter.ffn_output_weight
         # plain tensors even when called inside the statistics pass's inference mode, so the totals
         # can be updated there and used normally afterwards
         with torch.inference_mode(False):
             # weight each token by 1 / |its sublayer output|^2, so the fit minimises relative error
-            norm2 = (rows @ getter(layer)[0].detach().float()).pow(2).sum(-1)
+            norm2 = (rows @ projection(self.adapter, layer, sublayer)[0].detach().float()).pow(2).sum(-1)
             eps = 1e-2 * float(norm2.mean()) + 1e-12
             ext = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1) * (norm2 + eps).rsqrt().unsqueeze(1)
             gram = (ext.T @ ext).double()
@@ -374,19 +373,22 @@ def compensate_model(
     return summarize(results, method)
 
 
+def projection(adapter, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of a sublayer's output projection, ``kind`` "attention" or "ffn" (out = x @ W + b)."""
+    return adapter.attention_output_weight(layer) if kind == "attention" else adapter.ffn_output_weight(layer)
+
+
 def output_theta(adapter, layer: int, kind: str) -> torch.Tensor:
     """Theta = [W; b] of a sublayer's output projection ("attention" or "ffn"), float64 on the CPU,
     where the fits are solved whatever the model's device."""
-    getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
-    weight, bias = getter(layer)
+    weight, bias = projection(adapter, layer, kind)
     return torch.cat([weight.detach().to("cpu", torch.float64), bias.detach().to("cpu", torch.float64).unsqueeze(0)], 0)
 
 
 def set_kept_rows(adapter, layer: int, kind: str, theta: torch.Tensor, keep_rows: torch.Tensor, rows: torch.Tensor) -> None:
     """Write ``rows`` over the kept rows (``keep_rows``, the bias row last) of a sublayer's output projection."""
-    getter = adapter.attention_output_weight if kind == "attention" else adapter.ffn_output_weight
     setter = adapter.set_attention_output if kind == "attention" else adapter.set_ffn_output
-    weight, bias = getter(layer)
+    weight, bias = projection(adapter, layer, kind)
     new_theta = theta.clone()
     new_theta[keep_rows] = rows
     n = theta.shape[0] - 1

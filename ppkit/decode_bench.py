@@ -64,7 +64,7 @@ def decode_throughput(models: Sequence[tuple[str, nn.Module]], *, prompt_len: in
                       onnx_dir: str | Path | None = None) -> list[DecodeResult]:
     """Greedy-decode throughput of each named causal LM per backend and batch size; the first model is
     the baseline of ``speedup`` (its tokens/s ratio)."""
-    from .export import is_decoder_model, ort_session
+    from .export import is_decoder_model, max_sequence_length, ort_session
     from .export_past import export_with_past
 
     if not models:
@@ -75,7 +75,7 @@ def decode_throughput(models: Sequence[tuple[str, nn.Module]], *, prompt_len: in
     for name, model in models:
         if not is_decoder_model(model) or getattr(model, "lm_head", None) is None:
             raise InputError(f"--decode times causal LMs with their LM head; {name} is a {type(model).__name__}")
-        limit = int(getattr(model.config, "n_positions", 1024))
+        limit = max_sequence_length(model)
         if prompt_len + new_tokens > limit:
             raise InputError(f"prompt {prompt_len} + {new_tokens} new tokens exceed {name}'s {limit} positions")
     if threads:

@@ -328,16 +328,7 @@ def export_onnx(
     else:
         raise InputError(f"expected a model or a model directory, got {type(model_or_dir).__name__}")
 
-    target = Path(out_file)
-    if target.is_dir():
-        target = target / default_name
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} exists already; choose another --out or pass --overwrite (overwrite=True)")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {target.parent}: {exc}") from None
-
+    target = output_target(out_file, default_name, overwrite)
     module, head_name = select_head(model, head)
     decoder = is_decoder_model(module)
     inputs = input_names_for(module)
@@ -380,6 +371,21 @@ def export_onnx(
     log.info("exported %s to %s (max |onnx - torch| = %s, %.1fs)", type(module).__name__, target, max_diff, seconds)
     return ExportReport(target, opset, max_diff, inputs, outputs, seconds, head_name, family, exporter, shapes,
                         quantization, optimization)
+
+
+def output_target(out_file: str | Path, default_name: str, overwrite: bool) -> Path:
+    """The ONNX file to write: ``out_file``, or ``default_name`` inside it when it is a directory; its
+    folder is created. :class:`OutputError` when it exists and ``overwrite`` is false."""
+    target = Path(out_file)
+    if target.is_dir():
+        target = target / default_name
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target} exists already; choose another --out or pass --overwrite (overwrite=True)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {target.parent}: {exc}") from None
+    return target
 
 
 def _optimize_in_place(path: Path, module: nn.Module, family: str, outputs: Sequence[str],

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ExportError, InputError, OutputError
+from .errors import ExportError, InputError
 from .export import _annotate, _move_into_place, attention_implementation, causal_additive_mask, is_decoder_model, \
-    load_for_export
+    load_for_export, output_target
 
 
 @dataclass
@@ -115,12 +115,7 @@ def export_with_past(model_or_dir: nn.Module | str | Path, out_file: str | Path 
             raise InputError("out_file is required when exporting a model object")
     if not is_decoder_model(model) or getattr(model, "lm_head", None) is None:
         raise InputError(f"a KV-cache export needs a causal LM with its LM head, got {type(model).__name__}")
-    target = Path(out_file)
-    if target.is_dir():
-        target = target / "model-with-past.onnx"
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} exists already; choose another --out or pass --overwrite (overwrite=True)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = output_target(out_file, "model-with-past.onnx", overwrite)
 
     shapes = _cache_shapes(model)
     num_layers = len(shapes)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .compensate import HOLDOUT, MOMENT_TOKENS, RIDGE_GRID, SublayerResult, best_candidate, output_theta, \
-    quadratic_error, ridge_solutions, set_kept_rows, summarize
+    projection, quadratic_error, ridge_solutions, set_kept_rows, summarize
 from .errors import InputError
 from .masking import apply_masks
 from .plan import PruningPlan
@@ -56,10 +56,6 @@ def _select(batches: Iterable[dict[str, torch.Tensor]], max_tokens: int | None, 
     if not selected:
         raise InputError("sequential reconstruction needs calibration batches")
     return selected
-
-
-def _projection(adapter, layer: int, kind: str):
-    return adapter.attention_output_weight(layer) if kind == "attention" else adapter.ffn_output_weight(layer)
 
 
 def _module(adapter, layer: int, kind: str) -> nn.Module:
@@ -97,7 +93,7 @@ def _dense_targets(model: nn.Module, adapter, selected, device, num_layers: int)
     def make_hook(layer: int, kind: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0][current["mask"].to(args[0].device)].float()
-            weight, bias = _projection(adapter, layer, kind)
+            weight, bias = projection(adapter, layer, kind)
             targets.setdefault((layer, kind), []).append((x @ weight.float() + bias.float()).cpu())
 
         return hook

@@ -3,7 +3,7 @@
 Design decisions (measured on torch 2.13 / transformers 5.23 / onnxruntime 1.32):
 
 - The default exporter is the TorchScript one (``torch.onnx.export(..., dynamo=False)``). It exports
-  BERT and GPT-2 (including zero-head / zero-neuron layers) with dynamic batch and sequence axes in
+  every supported family (including zero-head / zero-neuron layers) with dynamic batch and sequence axes in
   well under a second, needs no extra dependency and prints nothing. ``exporter="dynamo"`` is
   available too (it needs ``onnxscript``, is ~20x slower to export, and is where torch is heading).
 - Attention is exported with the *eager* implementation: the traced sdpa path adds NaN guards

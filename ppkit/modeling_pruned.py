@@ -1,7 +1,8 @@
-"""Module structure of P-pruned BERT and GPT-2 models (self-contained: imports only torch and transformers).
+"""Module structure of P-pruned models (self-contained: imports only torch and transformers).
 
 This file is the single place that builds pruned module structure. ppkit's surgery calls
-:func:`resize_bert_layer` / :func:`resize_gpt2_block` before copying the kept weights in, and every
+:func:`resize_bert_layer` (BERT, RoBERTa, XLM-R, ELECTRA: the same layer layout under other class
+names) or :func:`resize_gpt2_block` before copying the kept weights in, and every
 saved pruned directory gets a copy of this file as ``modeling_ppkit.py``, referenced from
 ``config.json`` ``auto_map``, so ``AutoModel*.from_pretrained(dir, trust_remote_code=True)`` rebuilds
 the same structure where ppkit is not installed. It must therefore never import ppkit, and must
@@ -22,25 +23,18 @@ import warnings
 from typing import Sequence
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    BertForMaskedLM,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    BertModel,
-    GPT2ForQuestionAnswering,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    GPT2Model,
-)
+from transformers import BertForSequenceClassification
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertSelfAttention
+from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
+    "EmptySelfAttention",
     "EmptyBertSelfAttention",
     "EmptyGPT2Attention",
     "ZeroInputConv1D",
@@ -49,9 +43,70 @@ __all__ = [
     "shrink_to_shape",
     "mean_pool",
     "POOLINGS",
+    "FAMILY_CLASSES",
+    "BERT_SHAPED",
     "PPKIT_CLASSES",
     "AUTO_MAP",
 ]
+
+
+#: model_type -> {ppkit head name: transformers class}; a family is declared here, once
+FAMILY_CLASSES: dict[str, dict[str, str]] = {
+    "bert": {
+        "base": "BertModel",
+        "sequence-classification": "BertForSequenceClassification",
+        "question-answering": "BertForQuestionAnswering",
+        "masked-lm": "BertForMaskedLM",
+        "token-classification": "BertForTokenClassification",
+    },
+    "roberta": {
+        "base": "RobertaModel",
+        "sequence-classification": "RobertaForSequenceClassification",
+        "question-answering": "RobertaForQuestionAnswering",
+        "masked-lm": "RobertaForMaskedLM",
+        "token-classification": "RobertaForTokenClassification",
+    },
+    "xlm-roberta": {
+        "base": "XLMRobertaModel",
+        "sequence-classification": "XLMRobertaForSequenceClassification",
+        "question-answering": "XLMRobertaForQuestionAnswering",
+        "masked-lm": "XLMRobertaForMaskedLM",
+        "token-classification": "XLMRobertaForTokenClassification",
+    },
+    "electra": {  # the discriminator and its task heads
+        "base": "ElectraModel",
+        "sequence-classification": "ElectraForSequenceClassification",
+        "question-answering": "ElectraForQuestionAnswering",
+        "token-classification": "ElectraForTokenClassification",
+    },
+    "distilbert": {
+        "base": "DistilBertModel",
+        "sequence-classification": "DistilBertForSequenceClassification",
+        "question-answering": "DistilBertForQuestionAnswering",
+        "masked-lm": "DistilBertForMaskedLM",
+        "token-classification": "DistilBertForTokenClassification",
+    },
+    "gpt2": {
+        "base": "GPT2Model",
+        "causal-lm": "GPT2LMHeadModel",
+        "sequence-classification": "GPT2ForSequenceClassification",
+        "question-answering": "GPT2ForQuestionAnswering",
+    },
+}
+
+#: families whose layers have BERT's layout: ``attention.self.{query,key,value}``, ``attention.output.dense``,
+#: ``intermediate.dense``, ``output.dense`` (RoBERTa's position offset lives in its embeddings, untouched)
+BERT_SHAPED = ("bert", "roberta", "xlm-roberta", "electra")
+
+#: ppkit head name -> transformers auto class (for ``auto_map``)
+AUTO_CLASSES: dict[str, str] = {
+    "base": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "masked-lm": "AutoModelForMaskedLM",
+    "token-classification": "AutoModelForTokenClassification",
+    "causal-lm": "AutoModelForCausalLM",
+}
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -93,12 +148,13 @@ def _update_cache(past_key_values, layer_idx: int | None, hidden_states: torch.T
     return int(keys.shape[-2])
 
 
-class EmptyBertSelfAttention(BertSelfAttention):
-    """BERT self-attention with zero heads: returns an empty context [batch, seq, 0].
+class EmptySelfAttention(nn.Module):
+    """Self-attention with zero heads for BERT-shaped layers: returns an empty context [batch, seq, 0].
 
-    Subclasses ``BertSelfAttention`` (without its projections) so transformers' output recording and
-    weight initialisation treat it like the module it replaces. The following ``attention.output.dense``
-    is ``Linear(0, hidden)``, i.e. it adds only its bias.
+    Used through :func:`empty_self_attention`, which mixes it into the family's own self-attention
+    class (``BertSelfAttention``, ``RobertaSelfAttention``...) without its projections, so that
+    transformers' output recording and weight initialisation treat it like the module it replaces.
+    The following ``attention.output.dense`` is ``Linear(0, hidden)``, i.e. it adds only its bias.
     """
 
     def __init__(self, config, is_causal: bool = False, layer_idx: int | None = None) -> None:
@@ -119,6 +175,45 @@ class EmptyBertSelfAttention(BertSelfAttention):
         context = hidden_states.new_zeros(batch, seq, 0)
         weights = hidden_states.new_zeros(batch, 0, seq, key_len)
         return context, weights
+
+
+_EMPTY_ATTENTION_CLASSES: dict[type, type] = {}
+
+
+def empty_self_attention(attention_cls: type) -> type:
+    """The zero-head variant of a BERT-shaped self-attention class (``Empty<Name>``, made once)."""
+    if issubclass(attention_cls, EmptySelfAttention):
+        return attention_cls
+    cls = _EMPTY_ATTENTION_CLASSES.get(attention_cls)
+    if cls is None:
+        name = "Empty" + attention_cls.__name__
+        cls = type(name, (EmptySelfAttention, attention_cls), {"__module__": __name__, "__qualname__": name})
+        _EMPTY_ATTENTION_CLASSES[attention_cls] = cls
+    return cls
+
+
+EmptyBertSelfAttention = empty_self_attention(BertSelfAttention)
+
+
+class EmptyDistilBertSelfAttention(DistilBertSelfAttention):
+    """DistilBERT attention with zero heads: ``out_lin`` (inside this module in DistilBERT) of an empty
+    context, i.e. its bias."""
+
+    def __init__(self, config) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.n_heads = 0
+        self.dim = config.dim
+        self.attention_head_size = config.dim // config.n_heads
+        self.scaling = self.attention_head_size**-0.5
+        self.out_lin = _linear(0, config.dim, torch.empty(0))
+        self.dropout = nn.Dropout(p=config.attention_dropout)
+        self.is_causal = False
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
+        batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+        output = self.out_lin(hidden_states.new_zeros(batch, seq, 0))
+        return output, hidden_states.new_zeros(batch, 0, seq, seq)
 
 
 class EmptyGPT2Attention(GPT2Attention):
@@ -175,8 +270,13 @@ def _conv1d(n_out: int, n_in: int, like: torch.Tensor) -> Conv1D:
 
 # --------------------------------------------------------------------------- resizing one layer
 def bert_layer_sizes(layer: nn.Module, head_dim: int) -> tuple[int, int]:
-    """(heads, neurons) a ``BertLayer`` has now."""
+    """(heads, neurons) a BERT-shaped layer (``BertLayer``, ``RobertaLayer``...) has now."""
     return layer.attention.output.dense.in_features // head_dim, layer.intermediate.dense.out_features
+
+
+def distilbert_block_sizes(block: nn.Module, head_dim: int) -> tuple[int, int]:
+    """(heads, neurons) a DistilBERT ``TransformerBlock`` has now."""
+    return block.attention.out_lin.in_features // head_dim, block.ffn.lin1.out_features
 
 
 def gpt2_block_sizes(block: nn.Module, head_dim: int) -> tuple[int, int]:
@@ -185,7 +285,7 @@ def gpt2_block_sizes(block: nn.Module, head_dim: int) -> tuple[int, int]:
 
 
 def resize_bert_layer(layer: nn.Module, config, num_heads: int, num_neurons: int) -> None:
-    """Rebuild the projections of one ``BertLayer`` for ``num_heads`` heads and ``num_neurons`` neurons.
+    """Rebuild the projections of one BERT-shaped layer for ``num_heads`` heads and ``num_neurons`` neurons.
 
     Only sublayers whose size changes are rebuilt; new weights are freshly initialised (the caller
     copies the kept weights in, or ``from_pretrained`` loads them). Dtype and device follow the
@@ -200,9 +300,9 @@ def resize_bert_layer(layer: nn.Module, config, num_heads: int, num_neurons: int
         old = attention.self
         is_causal, layer_idx = getattr(old, "is_causal", False), getattr(old, "layer_idx", None)
         if num_heads == 0:
-            attention.self = EmptyBertSelfAttention(config, is_causal=is_causal, layer_idx=layer_idx)
+            attention.self = empty_self_attention(type(old))(config, is_causal=is_causal, layer_idx=layer_idx)
         else:
-            if isinstance(old, EmptyBertSelfAttention):
+            if isinstance(old, EmptySelfAttention):
                 raise ValueError("cannot grow an attention block that has no heads")
             width = num_heads * head_dim
             old.query, old.key, old.value = (_linear(hidden, width, like) for _ in range(3))
@@ -212,6 +312,29 @@ def resize_bert_layer(layer: nn.Module, config, num_heads: int, num_neurons: int
     if num_neurons != cur_neurons:
         layer.intermediate.dense = _linear(hidden, num_neurons, like)
         layer.output.dense = _linear(num_neurons, hidden, like)
+
+
+def resize_distilbert_block(block: nn.Module, config, num_heads: int, num_neurons: int) -> None:
+    """Rebuild the projections of one DistilBERT ``TransformerBlock`` (``attention.{q,k,v,out}_lin``,
+    ``ffn.lin1/lin2``) for ``num_heads`` heads and ``num_neurons`` neurons; as :func:`resize_bert_layer`."""
+    hidden = config.dim
+    head_dim = hidden // config.n_heads
+    cur_heads, cur_neurons = distilbert_block_sizes(block, head_dim)
+    like = block.attention.out_lin.weight
+    if num_heads != cur_heads:
+        if num_heads == 0:
+            block.attention = EmptyDistilBertSelfAttention(config).to(device=like.device, dtype=like.dtype)
+        else:
+            attention = block.attention
+            if isinstance(attention, EmptyDistilBertSelfAttention):
+                raise ValueError("cannot grow an attention block that has no heads")
+            width = num_heads * head_dim
+            attention.q_lin, attention.k_lin, attention.v_lin = (_linear(hidden, width, like) for _ in range(3))
+            attention.out_lin = _linear(width, hidden, like)
+            attention.n_heads = num_heads
+    if num_neurons != cur_neurons:
+        block.ffn.lin1 = _linear(hidden, num_neurons, like)
+        block.ffn.lin2 = _linear(num_neurons, hidden, like)
 
 
 def resize_gpt2_block(block: nn.Module, config, num_heads: int, num_neurons: int) -> None:
@@ -245,15 +368,18 @@ def resize_gpt2_block(block: nn.Module, config, num_heads: int, num_neurons: int
 
 def _stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     base = getattr(model, "base_model", model)
-    if isinstance(base, BertModel):
-        return "bert", base.encoder.layer
-    if isinstance(base, GPT2Model):
-        return "gpt2", base.h
-    raise TypeError(f"{type(model).__name__} is neither a BERT nor a GPT-2 model")
+    family = getattr(model.config, "ppkit_family", None) or model.config.model_type
+    if family in BERT_SHAPED:
+        return family, base.encoder.layer
+    if family == "distilbert":
+        return family, base.transformer.layer
+    if family == "gpt2":
+        return family, base.h
+    raise TypeError(f"{type(model).__name__} is not a model family ppkit prunes ({family!r})")
 
 
 def shrink_to_shape(model: nn.Module, heads_per_layer: Sequence[int], neurons_per_layer: Sequence[int]) -> nn.Module:
-    """Rebuild every layer of a BERT / GPT-2 model to the given per-layer head and neuron counts.
+    """Rebuild every layer of a model to the given per-layer head and neuron counts.
 
     New weights are randomly initialised; this gives the module structure a checkpoint of a pruned
     model is loaded into. Returns ``model``.
@@ -264,7 +390,7 @@ def shrink_to_shape(model: nn.Module, heads_per_layer: Sequence[int], neurons_pe
             f"model has {len(layers)} layers but ppkit_heads_per_layer/ppkit_neurons_per_layer have "
             f"{len(heads_per_layer)}/{len(neurons_per_layer)} entries"
         )
-    resize = resize_bert_layer if family == "bert" else resize_gpt2_block
+    resize = {"gpt2": resize_gpt2_block, "distilbert": resize_distilbert_block}.get(family, resize_bert_layer)
     for layer, heads, neurons in zip(layers, heads_per_layer, neurons_per_layer):
         resize(layer, model.config, int(heads), int(neurons))
     return model
@@ -282,8 +408,9 @@ def _apply_config_shape(model: nn.Module) -> None:
 POOLINGS = ("cls", "mean")
 
 
-class PpkitBertModel(BertModel):
-    """``BertModel`` with the per-layer sizes of ``config.ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer``."""
+class PrunedShape:
+    """Mixin of every pruned model class: after the usual ``__init__``, rebuild the layers to the sizes in
+    ``config.ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer`` (``from_pretrained`` then loads into them)."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -317,17 +444,13 @@ def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Ten
     return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
-class PpkitBertForSequenceClassification(BertForSequenceClassification):
+class PpkitBertForSequenceClassification(PrunedShape, BertForSequenceClassification):
     """Pruned ``BertForSequenceClassification`` (sizes from the config).
 
     ``config.ppkit_pooling = "mean"`` classifies the mean of the last hidden states over the attention
     mask (how sentence-transformers checkpoints were trained) instead of BERT's [CLS] pooler; the
     default ``"cls"`` is the transformers head unchanged.
     """
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, **kwargs):
@@ -343,74 +466,22 @@ class PpkitBertForSequenceClassification(BertForSequenceClassification):
                                         attentions=outputs.attentions)
 
 
-class PpkitBertForQuestionAnswering(BertForQuestionAnswering):
-    """Pruned ``BertForQuestionAnswering`` (sizes from the config)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
-
-
-class PpkitBertForMaskedLM(BertForMaskedLM):
-    """Pruned ``BertForMaskedLM`` (sizes from the config)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
+def _pruned_class(name: str) -> type:
+    """``Ppkit<name>``: the transformers class ``name`` with :class:`PrunedShape` mixed in."""
+    pruned = "Ppkit" + name
+    doc = f"Pruned ``{name}`` (per-layer sizes from the config)."
+    return type(pruned, (PrunedShape, getattr(transformers, name)), {"__module__": __name__, "__qualname__": pruned,
+                                                                      "__doc__": doc})
 
 
-class PpkitBertForTokenClassification(BertForTokenClassification):
-    """Pruned ``BertForTokenClassification`` (sizes from the config)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
-
-
-class PpkitGPT2Model(GPT2Model):
-    """``GPT2Model`` with the per-layer sizes of ``config.ppkit_heads_per_layer`` / ``ppkit_neurons_per_layer``."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
-
-
-class PpkitGPT2LMHeadModel(GPT2LMHeadModel):
-    """Pruned ``GPT2LMHeadModel`` (sizes from the config); ``generate`` with a KV cache works."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
-
-
-class PpkitGPT2ForSequenceClassification(GPT2ForSequenceClassification):
-    """Pruned ``GPT2ForSequenceClassification`` (sizes from the config)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
-
-
-class PpkitGPT2ForQuestionAnswering(GPT2ForQuestionAnswering):
-    """Pruned ``GPT2ForQuestionAnswering`` (sizes from the config)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _apply_config_shape(self)
-
-
-#: transformers class name -> pruned class
+#: transformers class name -> pruned class (BERT's classifier is written out above for its pooling option)
 PPKIT_CLASSES: dict[str, type] = {
-    "BertModel": PpkitBertModel,
-    "BertForSequenceClassification": PpkitBertForSequenceClassification,
-    "BertForQuestionAnswering": PpkitBertForQuestionAnswering,
-    "BertForMaskedLM": PpkitBertForMaskedLM,
-    "BertForTokenClassification": PpkitBertForTokenClassification,
-    "GPT2Model": PpkitGPT2Model,
-    "GPT2LMHeadModel": PpkitGPT2LMHeadModel,
-    "GPT2ForSequenceClassification": PpkitGPT2ForSequenceClassification,
-    "GPT2ForQuestionAnswering": PpkitGPT2ForQuestionAnswering,
+    name: PpkitBertForSequenceClassification if name == "BertForSequenceClassification" else _pruned_class(name)
+    for heads in FAMILY_CLASSES.values()
+    for name in heads.values()
 }
+globals().update({cls.__name__: cls for cls in PPKIT_CLASSES.values()})  # ``modeling_ppkit.PpkitRobertaModel``...
+
 
 def _pipeline_alias(cls: type) -> type:
     """A subclass of a ``Ppkit*`` head class carrying the transformers class's *name*, for loading with
@@ -424,26 +495,18 @@ def _pipeline_alias(cls: type) -> type:
 
 #: classes that ``auto_map`` points at under the transformers names (see ``_pipeline_alias``)
 PIPELINE_ALIASES: dict[str, type] = {
-    cls.__name__.removeprefix("Ppkit"): _pipeline_alias(cls)
-    for cls in (PpkitBertForSequenceClassification, PpkitBertForQuestionAnswering, PpkitBertForMaskedLM,
-                PpkitBertForTokenClassification, PpkitGPT2LMHeadModel, PpkitGPT2ForSequenceClassification,
-                PpkitGPT2ForQuestionAnswering)
+    name: _pipeline_alias(PPKIT_CLASSES[name])
+    for heads in FAMILY_CLASSES.values()
+    for head, name in heads.items()
+    if head != "base"
 }
 globals().update(PIPELINE_ALIASES)  # module attributes, as auto_map's "modeling_ppkit.<name>" needs
 
 #: config.json ``auto_map`` per family (module name is the copied file, ``modeling_ppkit.py``)
 AUTO_MAP: dict[str, dict[str, str]] = {
-    "bert": {
-        "AutoModel": "modeling_ppkit.PpkitBertModel",
-        "AutoModelForSequenceClassification": "modeling_ppkit.BertForSequenceClassification",
-        "AutoModelForQuestionAnswering": "modeling_ppkit.BertForQuestionAnswering",
-        "AutoModelForMaskedLM": "modeling_ppkit.BertForMaskedLM",
-        "AutoModelForTokenClassification": "modeling_ppkit.BertForTokenClassification",
-    },
-    "gpt2": {
-        "AutoModel": "modeling_ppkit.PpkitGPT2Model",
-        "AutoModelForCausalLM": "modeling_ppkit.GPT2LMHeadModel",
-        "AutoModelForSequenceClassification": "modeling_ppkit.GPT2ForSequenceClassification",
-        "AutoModelForQuestionAnswering": "modeling_ppkit.GPT2ForQuestionAnswering",
-    },
+    family: {
+        AUTO_CLASSES[head]: f"modeling_ppkit.{'Ppkit' + name if head == 'base' else name}"
+        for head, name in heads.items()
+    }
+    for family, heads in FAMILY_CLASSES.items()
 }

@@ -1,4 +1,4 @@
-"""Loading pre-trained, fine-tuned or ppkit-pruned BERT / GPT-2 models and their tokenizers (writing a
+"""Loading pre-trained, fine-tuned or ppkit-pruned models (BERT, RoBERTa, XLM-R, ELECTRA, GPT-2) and their tokenizers (writing a
 pruned model is :mod:`ppkit.saving`'s job).
 
 Local directories are preferred; a hub name is used from the local cache or, when the hub is
@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from torch import nn
 
 from . import modeling_pruned
-from .adapters import FAMILIES, get_adapter, supported_classes
+from .adapters import FAMILIES, get_adapter
 from .errors import InputError, ModelLoadError, PlanError, UnsupportedModelError
 from .plan import PruningPlan
 
@@ -33,21 +33,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 #: load_model/load_pruned head names -> transformers class name per family
-HEAD_CLASSES: dict[str, dict[str, str]] = {
-    "bert": {
-        "base": "BertModel",
-        "sequence-classification": "BertForSequenceClassification",
-        "question-answering": "BertForQuestionAnswering",
-        "masked-lm": "BertForMaskedLM",
-        "token-classification": "BertForTokenClassification",
-    },
-    "gpt2": {
-        "base": "GPT2Model",
-        "causal-lm": "GPT2LMHeadModel",
-        "sequence-classification": "GPT2ForSequenceClassification",
-        "question-answering": "GPT2ForQuestionAnswering",
-    },
-}
+HEAD_CLASSES: dict[str, dict[str, str]] = modeling_pruned.FAMILY_CLASSES
 
 
 @contextlib.contextmanager
@@ -296,7 +282,7 @@ def _family(model_type: str | None, where: str) -> str:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"{where} is a {model_type!r} model, which ppkit does not support; supported model types: "
-            f"{', '.join(FAMILIES)} (classes: {', '.join(supported_classes())})"
+            f"{', '.join(FAMILIES)}"
         )
     return str(model_type)
 
@@ -324,7 +310,7 @@ def load_model(
     pooling: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load a supported BERT / GPT-2 model (eval mode) from a local directory or a hub name.
+    """Load a supported model (BERT, RoBERTa, XLM-R, ELECTRA, GPT-2; eval mode) from a local directory or a hub name.
 
     ``head`` picks the task head: "base", "sequence-classification", "question-answering",
     "causal-lm" (GPT-2), "masked-lm" (BERT) or "token-classification"; a head missing from the

@@ -19,7 +19,8 @@ from typing import Any
 from .errors import ExportError
 
 #: ppkit family -> onnxruntime optimizer model_type
-MODEL_TYPES = {"bert": "bert", "gpt2": "gpt2"}
+MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "distilbert": "bert",
+               "gpt2": "gpt2"}
 
 
 def optimize_graph(fp32_path: Path, out_path: Path, *, family: str, num_heads: int, hidden_size: int) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def prune(
     batch_size: int = 32,
     multiple_of: int = 1,
 ) -> PruneResult:
-    """Prune a pre-trained BERT or GPT-2 to ``flops`` of its FLOPs with a registered strategy.
+    """Prune a pre-trained BERT-family model or GPT-2 to ``flops`` of its FLOPs with a registered strategy.
 
     ``model`` is a hub name, a local model directory or an already loaded model (then pass
     ``tokenizer``). Calibration data comes from ``task``'s train split (hub) or ``data`` (local files).

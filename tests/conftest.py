@@ -64,6 +64,47 @@ def tiny_gpt2_config(**overrides):
     return GPT2Config(**kwargs)
 
 
+#: config class of each BERT-shaped family beside BERT (the tiny shape is BERT's)
+ENCODER_CONFIGS = {"roberta": "RobertaConfig", "xlm-roberta": "XLMRobertaConfig", "electra": "ElectraConfig",
+                   "distilbert": "DistilBertConfig"}
+
+
+def tiny_encoder_config(family: str, **overrides):
+    """Tiny config of a BERT-shaped family (``ENCODER_CONFIGS``), BERT's tiny shape. RoBERTa / XLM-R get
+    ``type_vocab_size=1`` and padding index 1 as their checkpoints have; ELECTRA a smaller embedding
+    (16) projected up to the hidden size, as ELECTRA-small has; DistilBERT its own names for the sizes."""
+    import transformers
+
+    base = tiny_bert_config().to_dict()
+    kwargs = {k: base[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size", "max_position_embeddings", "hidden_dropout_prob",
+                                   "attention_probs_dropout_prob")}
+    kwargs["attn_implementation"] = "eager"
+    if family in ("roberta", "xlm-roberta"):
+        kwargs.update(type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if family == "electra":
+        kwargs.update(embedding_size=16, type_vocab_size=2)
+    if family == "distilbert":  # DistilBERT's own names for the same sizes
+        kwargs = dict(vocab_size=kwargs["vocab_size"], dim=kwargs["hidden_size"], n_layers=kwargs["num_hidden_layers"],
+                      n_heads=kwargs["num_attention_heads"], hidden_dim=kwargs["intermediate_size"],
+                      max_position_embeddings=kwargs["max_position_embeddings"], dropout=0.0, attention_dropout=0.0,
+                      seq_classif_dropout=0.0, qa_dropout=0.0, attn_implementation="eager")
+    kwargs.update(overrides)
+    return getattr(transformers, ENCODER_CONFIGS[family])(**kwargs)
+
+
+def make_tiny(family: str, cls_name: str, seed: int = 0, **overrides):
+    """A fresh tiny model of any supported ``family`` and transformers class ``cls_name``, eval mode."""
+    import transformers
+
+    if family == "bert":
+        return make_tiny_bert(cls_name, seed=seed, **overrides)
+    if family == "gpt2":
+        return make_tiny_gpt2(cls_name, seed=seed, **overrides)
+    torch.manual_seed(seed)
+    return getattr(transformers, cls_name)(tiny_encoder_config(family, **overrides)).eval()
+
+
 def make_tiny_bert(cls_name: str = "BertModel", seed: int = 0, **overrides):
     """A fresh tiny BERT of class ``cls_name`` (e.g. "BertForSequenceClassification"), eval mode."""
     import transformers

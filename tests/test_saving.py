@@ -140,6 +140,21 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+def load_without_ppkit(cases: list[dict], tmp_path: Path) -> dict:
+    """Run ``REMOTE_SCRIPT`` on ``cases`` in an isolated interpreter (``python -I``, offline, ppkit not
+    importable, another working directory); return its per-directory results."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PPKIT"))}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HOME=str(tmp_path / "hf_home"))
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, json.dumps(cases)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
 @pytest.mark.slow
 def test_remote_code_loading_without_ppkit(tmp_path, minilm_path):
     from transformers import BertModel
@@ -165,16 +180,7 @@ def test_remote_code_loading_without_ppkit(tmp_path, minilm_path):
     minilm = BertModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
     add(minilm, "minilm", "AutoModel", "last_hidden_state", "zeros", 4)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PPKIT"))}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HOME=str(tmp_path / "hf_home"))
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", REMOTE_SCRIPT, json.dumps(cases)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    result = load_without_ppkit(cases, tmp_path)
     for case in cases:
         cls_name, module, diff, *generated = result[case["dir"]]
         assert cls_name.startswith("Ppkit") and "modeling_ppkit" in module
@@ -296,7 +302,7 @@ def test_load_model_path_errors(tmp_path):
         load_model(tmp_path / "empty")
     (tmp_path / "t5").mkdir()
     (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(UnsupportedModelError, match="'t5'.*bert, gpt2"):
+    with pytest.raises(UnsupportedModelError, match="'t5'.*bert, roberta, xlm-roberta, electra, distilbert, gpt2"):
         load_model(tmp_path / "t5")
 
 

@@ -221,10 +221,10 @@ def test_prune_layer_validates_indices(tiny_bert):
 
 
 def test_unsupported_model_names_supported_classes():
-    from transformers import DistilBertConfig, DistilBertModel
+    from transformers import T5Config, T5Model
 
-    model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
-    with pytest.raises(UnsupportedModelError, match="DistilBertModel.*BertForSequenceClassification.*GPT2LMHeadModel"):
+    model = T5Model(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.raises(UnsupportedModelError, match="T5Model.*BertForSequenceClassification.*DistilBertModel.*GPT2LMHeadModel"):
         get_adapter(model)
     with pytest.raises(UnsupportedModelError):
         get_adapter(torch.nn.Linear(2, 2))

@@ -11,9 +11,13 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .base import ArchitectureAdapter, ModelShape
 from .bert import BertAdapter
+from .distilbert import DistilBertAdapter
+from .electra import ElectraAdapter
 from .gpt2 import GPT2Adapter
+from .roberta import RobertaAdapter, XLMRobertaAdapter
 
-ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (BertAdapter, GPT2Adapter)
+ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (BertAdapter, RobertaAdapter, XLMRobertaAdapter, ElectraAdapter,
+                                                   DistilBertAdapter, GPT2Adapter)
 FAMILIES: dict[str, type[ArchitectureAdapter]] = {a.family: a for a in ADAPTERS}
 
 __all__ = ["ADAPTERS", "FAMILIES", "ArchitectureAdapter", "ModelShape", "get_adapter", "supported_classes"]

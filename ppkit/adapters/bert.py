@@ -1,4 +1,5 @@
-"""Adapter for the BERT family (BertModel and the task heads built on it).
+"""Adapter for the BERT family (BertModel and the task heads built on it), and the base of every
+family with BERT's layer layout (RoBERTa, XLM-R, ELECTRA declare only their names).
 
 The encoder is reached through ``model.base_model`` (``bert`` attribute of the task models). Head h
 of layer l owns rows h*dh:(h+1)*dh of ``attention.self.{query,key,value}`` and the same input columns
@@ -14,16 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..modeling_pruned import bert_layer_sizes, resize_bert_layer
+from ..modeling_pruned import FAMILY_CLASSES, resize_bert_layer
 from .base import ArchitectureAdapter
-
-SUPPORTED_BERT_CLASSES = (
-    "BertModel",
-    "BertForSequenceClassification",
-    "BertForQuestionAnswering",
-    "BertForMaskedLM",
-    "BertForTokenClassification",
-)
 
 
 def check_keep(indices: Sequence[int], size: int, what: str) -> list[int]:
@@ -53,69 +46,93 @@ def replace_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None
 
 
 class BertAdapter(ArchitectureAdapter):
-    """Structure of BERT encoders: ``encoder.layer[l].attention`` (MHA) and ``intermediate``/``output`` (FFN)."""
+    """Structure of BERT encoders: ``encoder.layer[l].attention`` (MHA) and ``intermediate``/``output`` (FFN).
+
+    Every name below is a declaration: a family whose layers have separate query / key / value /
+    output ``nn.Linear`` projections and a two-``Linear`` FFN is this class with other names
+    (see :mod:`ppkit.adapters.distilbert`).
+    """
 
     family = "bert"
-    supported_classes = SUPPORTED_BERT_CLASSES
+    supported_classes = tuple(FAMILY_CLASSES["bert"].values())
+    #: the layer list, from the base model
+    layers_path = "encoder.layer"
+    #: query, key and value projections, from a layer
+    qkv_paths = ("attention.self.query", "attention.self.key", "attention.self.value")
+    #: attention output projection (its input is the merged per-head context), from a layer
+    attention_output_path = "attention.output.dense"
+    #: FFN up and down projections, from a layer
+    ffn_input_path = "intermediate.dense"
+    ffn_output_path = "output.dense"
+    #: config attribute with the dense FFN width
+    ffn_dim_key = "intermediate_size"
+    #: rebuilds a layer's projections for new sizes (``modeling_pruned``)
+    resize = staticmethod(resize_bert_layer)
 
     def _layer_stack(self, base: nn.Module) -> nn.ModuleList:
-        return base.encoder.layer
+        return base.get_submodule(self.layers_path)
 
     def _layer_sizes(self, layer: nn.Module) -> tuple[int, int]:
-        return bert_layer_sizes(layer, self.head_dim)
+        heads = layer.get_submodule(self.attention_output_path).in_features // self.head_dim
+        return heads, layer.get_submodule(self.ffn_input_path).out_features
 
     def _dense_ffn_dim(self, config) -> int:
-        return config.intermediate_size
+        return getattr(config, self.ffn_dim_key)
 
     def _is_causal(self, config) -> bool:
-        return bool(config.is_decoder)
+        return bool(getattr(config, "is_decoder", False))
+
+    def _module(self, layer: int, path: str) -> nn.Module:
+        return self.layers[layer].get_submodule(path)
 
     def head_context_module(self, layer: int) -> nn.Module:
-        return self.layers[layer].attention.output.dense
+        return self._module(layer, self.attention_output_path)
 
     def ffn_activation_module(self, layer: int) -> nn.Module:
-        return self.layers[layer].output.dense
+        return self._module(layer, self.ffn_output_path)
 
     def attention_output_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dense = self.layers[layer].attention.output.dense
+        dense = self._module(layer, self.attention_output_path)
         return dense.weight.t(), dense.bias
 
     def ffn_output_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dense = self.layers[layer].output.dense
+        dense = self._module(layer, self.ffn_output_path)
         return dense.weight.t(), dense.bias
 
     def set_attention_output(self, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        dense = self.layers[layer].attention.output.dense
+        dense = self._module(layer, self.attention_output_path)
         replace_parameter(dense, "weight", weight.t())
         replace_parameter(dense, "bias", bias)
 
     def set_ffn_output(self, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        dense = self.layers[layer].output.dense
+        dense = self._module(layer, self.ffn_output_path)
         replace_parameter(dense, "weight", weight.t())
         replace_parameter(dense, "bias", bias)
 
     def prune_layer(self, layer: int, heads: Sequence[int], neurons: Sequence[int]) -> None:
         module = self.layers[layer]
-        cur_heads, cur_neurons = bert_layer_sizes(module, self.head_dim)
+        cur_heads, cur_neurons = self._layer_sizes(module)
         heads = check_keep(heads, cur_heads, f"layer {layer} heads")
         neurons = check_keep(neurons, cur_neurons, f"layer {layer} neurons")
         kept: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if len(heads) != cur_heads:
-                cols = head_columns(heads, self.head_dim, module.attention.output.dense.weight.device)
-                for name in ("query", "key", "value") if heads else ():
-                    proj = getattr(module.attention.self, name)
-                    kept[f"attention.self.{name}.weight"] = proj.weight[cols]
-                    kept[f"attention.self.{name}.bias"] = proj.bias[cols]
-                kept["attention.output.dense.weight"] = module.attention.output.dense.weight[:, cols]
-                kept["attention.output.dense.bias"] = module.attention.output.dense.bias
+                out = module.get_submodule(self.attention_output_path)
+                cols = head_columns(heads, self.head_dim, out.weight.device)
+                for path in self.qkv_paths if heads else ():
+                    proj = module.get_submodule(path)
+                    kept[f"{path}.weight"] = proj.weight[cols]
+                    kept[f"{path}.bias"] = proj.bias[cols]
+                kept[f"{self.attention_output_path}.weight"] = out.weight[:, cols]
+                kept[f"{self.attention_output_path}.bias"] = out.bias
             if len(neurons) != cur_neurons:
-                idx = torch.tensor(neurons, dtype=torch.long, device=module.intermediate.dense.weight.device)
-                kept["intermediate.dense.weight"] = module.intermediate.dense.weight[idx]
-                kept["intermediate.dense.bias"] = module.intermediate.dense.bias[idx]
-                kept["output.dense.weight"] = module.output.dense.weight[:, idx]
-                kept["output.dense.bias"] = module.output.dense.bias
-            fill_resized(module, kept, lambda: resize_bert_layer(module, self.model.config, len(heads), len(neurons)))
+                up, down = module.get_submodule(self.ffn_input_path), module.get_submodule(self.ffn_output_path)
+                idx = torch.tensor(neurons, dtype=torch.long, device=up.weight.device)
+                kept[f"{self.ffn_input_path}.weight"] = up.weight[idx]
+                kept[f"{self.ffn_input_path}.bias"] = up.bias[idx]
+                kept[f"{self.ffn_output_path}.weight"] = down.weight[:, idx]
+                kept[f"{self.ffn_output_path}.bias"] = down.bias
+            fill_resized(module, kept, lambda: self.resize(module, self.model.config, len(heads), len(neurons)))
 
 
 def fill_resized(module: nn.Module, kept: dict[str, torch.Tensor], resize) -> None:

@@ -13,23 +13,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..modeling_pruned import gpt2_block_sizes, resize_gpt2_block
+from ..modeling_pruned import FAMILY_CLASSES, gpt2_block_sizes, resize_gpt2_block
 from .base import ArchitectureAdapter
 from .bert import check_keep, fill_resized, head_columns, replace_parameter
-
-SUPPORTED_GPT2_CLASSES = (
-    "GPT2Model",
-    "GPT2LMHeadModel",
-    "GPT2ForSequenceClassification",
-    "GPT2ForQuestionAnswering",
-)
 
 
 class GPT2Adapter(ArchitectureAdapter):
     """Structure of GPT-2: ``h[l].attn`` (fused ``c_attn``, ``c_proj``) and ``h[l].mlp`` (``c_fc``, ``c_proj``)."""
 
     family = "gpt2"
-    supported_classes = SUPPORTED_GPT2_CLASSES
+    supported_classes = tuple(FAMILY_CLASSES["gpt2"].values())
 
     def _layer_stack(self, base: nn.Module) -> nn.ModuleList:
         return base.h

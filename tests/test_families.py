@@ -1,0 +1,183 @@
+"""RoBERTa, XLM-RoBERTa, ELECTRA and DistilBERT through the BERT adapter's declared module names: masked == physically pruned ==
+reloaded with ppkit == reloaded with plain transformers (no ppkit) == ONNX, FLOPs == FlopCounterMode,
+and every built-in strategy through the CLI, on tiny random configs of each family."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from cli_support import MINILM, SST2, run_cli
+from conftest import make_tiny, plan_for
+from test_flops import measured_layer_flops
+from test_saving import load_without_ppkit
+
+from ppkit.adapters import get_adapter
+from ppkit.export import export_onnx, read_onnx_metadata
+from ppkit.flops import model_flops
+from ppkit.masking import apply_masks
+from ppkit.modeling_pruned import AUTO_CLASSES, FAMILY_CLASSES, EmptyDistilBertSelfAttention, EmptySelfAttention
+from ppkit.models import load_model, load_pruned
+from ppkit.saving import save_pruned
+from ppkit.surgery import prune_model
+
+FAMILIES = ("roberta", "xlm-roberta", "electra", "distilbert")
+CASES = [(family, head, cls) for family in FAMILIES for head, cls in FAMILY_CLASSES[family].items()]
+TORCH_TOL = 1e-5
+ORT_TOL = 1e-4
+
+
+def main_outputs(model, inputs) -> list[torch.Tensor]:
+    out = model(**inputs, output_hidden_states=True)
+    keys = ("logits", "start_logits", "end_logits")
+    return [out.hidden_states[-1]] + [out[k] for k in keys if k in out and out[k] is not None]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    assert len(a) == len(b) and a
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kind", ["uneven", "zeros"])
+@pytest.mark.parametrize("family,head,cls_name", CASES)
+def test_masked_pruned_reloaded_and_onnx_agree(tmp_path, family, head, cls_name, kind):
+    model = make_tiny(family, cls_name, seed=CASES.index((family, head, cls_name)))
+    plan = plan_for(model, seed=len(family), kind=kind)
+    inputs = get_adapter(model).dummy_inputs(batch=3, seq=9)
+    with torch.no_grad():
+        dense = main_outputs(model, inputs)
+        with apply_masks(model, plan):
+            masked = main_outputs(model, inputs)
+        pruned = prune_model(copy.deepcopy(model), plan)
+        assert max_diff(masked, main_outputs(pruned, inputs)) <= TORCH_TOL
+    assert max_diff(dense, masked) > 1e-3  # the plan changes the function
+    if kind == "zeros":
+        empty = EmptyDistilBertSelfAttention if family == "distilbert" else EmptySelfAttention
+        attention = get_adapter(pruned).layers[0].attention
+        assert isinstance(getattr(attention, "self", attention), empty)
+
+    out = tmp_path / "pruned"
+    save_pruned(pruned, out, plan=plan)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family == config["ppkit_family"]
+    assert config["auto_map"][AUTO_CLASSES[head]].startswith("modeling_ppkit.")
+    reloaded = load_pruned(out)
+    assert type(reloaded).__name__ == "Ppkit" + cls_name and isinstance(reloaded, type(model))
+    again = load_model(out, head=head)
+    with torch.no_grad():
+        assert max_diff(masked, main_outputs(reloaded, inputs)) <= TORCH_TOL
+        assert max_diff(masked, main_outputs(again, inputs)) <= TORCH_TOL
+
+    report = export_onnx(out, tmp_path / "m.onnx")
+    assert report.max_abs_diff is not None and report.max_abs_diff <= ORT_TOL
+    assert report.family == family and read_onnx_metadata(report.path)["family"] == family
+    # RoBERTa-style checkpoints have one token type, so the graph takes no token_type_ids
+    assert ("token_type_ids" in report.inputs) == (family == "electra")
+
+
+@pytest.mark.slow
+def test_plain_transformers_loads_every_family_without_ppkit(tmp_path):
+    cases = []
+    for i, (family, head, cls_name) in enumerate(CASES):
+        if head not in ("base", "sequence-classification"):
+            continue
+        model = make_tiny(family, cls_name, seed=i)
+        plan = plan_for(model, seed=i, kind="zeros")
+        inputs = get_adapter(model).dummy_inputs(batch=2, seq=10)
+        output = "logits" if head != "base" else "last_hidden_state"
+        with torch.no_grad(), apply_masks(model, plan):
+            expected = getattr(model(**inputs), output)
+        out = tmp_path / f"{family}-{head}"
+        save_pruned(prune_model(model, plan), out, plan=plan)
+        torch.save({"inputs": inputs, "expected": expected}, tmp_path / f"{family}-{head}.pt")
+        cases.append({"dir": str(out), "auto_class": AUTO_CLASSES[head], "output": output,
+                      "data": str(tmp_path / f"{family}-{head}.pt")})
+    result = load_without_ppkit(cases, tmp_path)
+    assert len(result) == 2 * len(FAMILIES)
+    for case in cases:
+        cls_name, module, diff = result[case["dir"]]
+        assert cls_name.startswith("Ppkit") and "modeling_ppkit" in module
+        assert diff <= TORCH_TOL, (case["dir"], diff)
+
+
+@pytest.mark.parametrize("kind", ["keep_all", "uneven", "zeros"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flops_match_flop_counter(family, kind):
+    model = make_tiny(family, FAMILY_CLASSES[family]["base"])
+    prune_model(model, plan_for(model, seed=5, kind=kind))
+    seq = 11
+    assert measured_layer_flops(model, seq) == model_flops(model, seq).total
+
+
+@pytest.fixture(scope="module")
+def tiny_classifiers(tmp_path_factory):
+    """A tiny 2-label classifier of each family with the real MiniLM tokenizer, and 48 SST-2 rows."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    dirs = {}
+    for family in FAMILIES:
+        cls_name = FAMILY_CLASSES[family]["sequence-classification"]
+        model = make_tiny(family, cls_name, num_labels=2, vocab_size=tokenizer.vocab_size)
+        dirs[family] = root / family
+        model.save_pretrained(dirs[family])
+        tokenizer.save_pretrained(dirs[family])
+    data = root / "sst2-small.tsv"
+    data.write_text("\n".join((SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[:49]) + "\n",
+                    encoding="utf-8")
+    return dirs, data
+
+
+@pytest.mark.parametrize("strategy", ["dual-cp", "kcm", "random", "worst", "fisher"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_strategy_prunes_every_family_through_the_cli(tiny_classifiers, tmp_path, capsys, family, strategy):
+    dirs, data = tiny_classifiers
+    out = tmp_path / "out"
+    result = run_cli(["prune", dirs[family], "--task", "sst2", "--data", data, "--flops", "0.6", "--strategy", strategy,
+                      "--samples", "16", "--out", out, "--quiet", "--no-plot"], capsys)
+    assert result.code == 0, result.text
+    pruned = load_pruned(out)
+    assert pruned.config.model_type == family
+    assert type(pruned).__name__ == "Ppkit" + FAMILY_CLASSES[family]["sequence-classification"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["family"] == family and report["strategy"] == strategy
+    assert report["flops_ratio"] <= 0.6 + 1e-9
+    assert model_flops(pruned, report["flops_seq_len"]).ratio == pytest.approx(report["flops_ratio"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_optimized_export_writes_each_layers_heads(tmp_path, family):
+    model = make_tiny(family, FAMILY_CLASSES[family]["base"])
+    adapter = get_adapter(model)
+    with torch.no_grad():  # peaked attention, so that a wrong head split would show in the hidden states
+        for layer in adapter.layers:
+            for path in adapter.qkv_paths[:2]:
+                layer.get_submodule(path).weight.mul_(25.0)
+    plan = plan_for(model, seed=2, kind="uneven")
+    prune_model(model, plan)
+    report = export_onnx(model, tmp_path / "fused.onnx", optimize=True)
+    assert report.optimization["attention_heads"] == plan.heads_per_layer
+    assert report.optimization["max_abs_diff_vs_unfused"] <= ORT_TOL and report.max_abs_diff <= ORT_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_family_fine_tunes_and_exports(tiny_classifiers, tmp_path, capsys, family):
+    dirs, data = tiny_classifiers
+    pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
+    steps = [
+        ["prune", dirs[family], "--task", "sst2", "--data", data, "--flops", "0.6", "--strategy", "random",
+         "--samples", "16", "--out", pruned, "--quiet", "--no-plot"],
+        ["finetune", pruned, "--task", "sst2", "--data", data, "--epochs", "1", "--train-limit", "32",
+         "--eval-limit", "16", "--out", tuned],
+        ["export", tuned, "--onnx"],
+    ]
+    for args in steps:
+        result = run_cli(args, capsys)
+        assert result.code == 0, result.text
+    model = load_pruned(tuned)
+    assert type(model).__name__ == "Ppkit" + FAMILY_CLASSES[family]["sequence-classification"]
+    assert get_adapter(model).shape().heads_per_layer == get_adapter(load_pruned(pruned)).shape().heads_per_layer
+    assert (tuned / "model.onnx").is_file()

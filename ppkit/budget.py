@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from .adapters.base import ModelShape
 from .errors import BudgetError, InputError
+from .flops import unit_flops
 
 #: relative slack when turning FLOPs into unit counts, so float noise never drops a whole unit
 _COUNT_EPS = 1e-9
@@ -73,13 +74,6 @@ def count_within(flops: float, unit_flops: float) -> int:
     if unit_flops <= 0:
         raise InputError("unit FLOPs must be positive (sequence length or hidden size is zero?)")
     return max(0, int(math.floor(flops / unit_flops * (1.0 + _COUNT_EPS) + _COUNT_EPS)))
-
-
-def unit_flops(shape: ModelShape, seq_len: float) -> tuple[float, float]:
-    """FLOPs of one head and of one FFN neuron in one layer at ``seq_len`` tokens."""
-    from .flops import head_flops, neuron_flops
-
-    return float(head_flops(shape.hidden_size, shape.head_dim, seq_len)), float(neuron_flops(shape.hidden_size, seq_len))
 
 
 def split_budget(

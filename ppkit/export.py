@@ -126,10 +126,12 @@ def saved_head(folder: str | Path) -> str | None:
 
 
 def is_decoder_model(model: nn.Module) -> bool:
-    """True for causal LMs (GPT-2 family): exported without cache and without token_type_ids."""
+    """True for causal LMs (GPT-2, Llama-style): exported without cache and without token_type_ids."""
+    from .modeling_pruned import LLAMA_SHAPED
+
     config = getattr(model, "config", None)
     return bool(
-        getattr(config, "model_type", "") in {"gpt2"} or getattr(config, "is_decoder", False)
+        getattr(config, "model_type", "") in {"gpt2", *LLAMA_SHAPED} or getattr(config, "is_decoder", False)
     )
 
 

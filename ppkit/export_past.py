@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import ExportError, InputError
 from .export import _annotate, _move_into_place, attention_implementation, causal_additive_mask, is_decoder_model, \
-    load_for_export, output_target
+    load_for_export, model_family, output_target
 
 
 @dataclass
@@ -49,11 +49,12 @@ def cache_names(num_layers: int, prefix: str) -> list[str]:
 
 
 def _cache_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """(heads, head_dim) of each layer's cached keys: the placeholder's (1, 1) for a layer without heads."""
+    """(heads, head_dim) of each layer's cached keys: the placeholder's (1, 1) for a layer without heads.
+    With grouped-query attention a layer caches one key/value head per kept group."""
     from .adapters import get_adapter
 
     shape = get_adapter(model).shape()
-    return [(h, shape.head_dim) if h else (1, 1) for h in shape.heads_per_layer]
+    return [(h, shape.kv_dim or shape.head_dim) if h else (1, 1) for h in shape.heads_per_layer]
 
 
 class _PastWrapper(nn.Module):
@@ -100,7 +101,7 @@ def empty_past(model_or_shapes: nn.Module | Sequence[tuple[int, int]], batch: in
 
 def export_with_past(model_or_dir: nn.Module | str | Path, out_file: str | Path | None = None, *, opset: int = 17,
                      check: bool = True, atol: float = 1e-4, overwrite: bool = False) -> PastExportReport:
-    """Export a (pruned or dense) GPT-2 LM with KV-cache inputs and outputs (default file
+    """Export a (pruned or dense) causal LM (GPT-2, Llama-style) with KV-cache inputs and outputs (default file
     ``<dir>/model-with-past.onnx``), atomically, checked against torch on a prompt and a cached step."""
     start = time.perf_counter()
     if isinstance(model_or_dir, (str, Path)):
@@ -145,7 +146,7 @@ def export_with_past(model_or_dir: nn.Module | str | Path, out_file: str | Path 
             except Exception as exc:  # noqa: BLE001 - any tracer failure becomes one actionable error
                 raise ExportError(f"ONNX export with KV cache of {type(model).__name__} failed: "
                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
-            opset = _annotate(tmp_file, family="gpt2", head="causal-lm-with-past", model=model)
+            opset = _annotate(tmp_file, family=model_family(model), head="causal-lm-with-past", model=model)
             max_diff = _check(tmp_file, wrapper, shapes, int(model.config.vocab_size), atol) if check else None
         _move_into_place(tmp_dir, target)
     finally:

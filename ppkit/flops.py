@@ -37,17 +37,27 @@ def _check_seq_len(seq_len: float) -> float:
     return s
 
 
-def head_flops(hidden_size: int, head_dim: int, seq_len: float) -> float:
-    """FLOPs of one attention head for one sequence: 2 * (3*s*d*dh + s^2*dh + s^2*dh + s*dh*d)."""
+def head_flops(hidden_size: int, head_dim: int, seq_len: float, kv_dim: int | None = None) -> float:
+    """FLOPs of one attention head for one sequence: 2 * (3*s*d*dh + s^2*dh + s^2*dh + s*dh*d).
+
+    For a grouped-query unit (``head_dim`` = query channels of the group, ``kv_dim`` = its one key /
+    value head) the K and V projections cost ``s*d*kv_dim`` each instead."""
     s = _check_seq_len(seq_len)
     d, dh = float(hidden_size), float(head_dim)
-    return 2.0 * (3 * s * d * dh + s * s * dh + s * s * dh + s * dh * d)
+    kv = dh if kv_dim is None else float(kv_dim)
+    return 2.0 * (s * d * dh + 2 * s * d * kv + s * s * dh + s * s * dh + s * dh * d)
 
 
-def neuron_flops(hidden_size: int, seq_len: float) -> float:
-    """FLOPs of one FFN neuron for one sequence: 2 * (2*s*d)."""
+def neuron_flops(hidden_size: int, seq_len: float, projections: int = 2) -> float:
+    """FLOPs of one FFN neuron for one sequence: 2 * (2*s*d); a gated FFN (3 projections) 2 * (3*s*d)."""
     s = _check_seq_len(seq_len)
-    return 2.0 * (2 * s * float(hidden_size))
+    return 2.0 * (projections * s * float(hidden_size))
+
+
+def unit_flops(shape: ModelShape, seq_len: float) -> tuple[float, float]:
+    """FLOPs of one attention unit and one FFN neuron of a model of ``shape``."""
+    return (head_flops(shape.hidden_size, shape.head_dim, seq_len, shape.kv_dim),
+            neuron_flops(shape.hidden_size, seq_len, shape.ffn_projections))
 
 
 @dataclass
@@ -85,8 +95,7 @@ def count_flops(
         raise PlanError(
             f"expected {shape.num_layers} layers of head/neuron counts, got {len(heads_per_layer)}/{len(neurons_per_layer)}"
         )
-    fh = head_flops(shape.hidden_size, shape.head_dim, seq_len)
-    fn = neuron_flops(shape.hidden_size, seq_len)
+    fh, fn = unit_flops(shape, seq_len)
     per_layer = [(h * fh, n * fn) for h, n in zip(heads_per_layer, neurons_per_layer)]
     mha = sum(a for a, _ in per_layer)
     ffn = sum(f for _, f in per_layer)
@@ -126,8 +135,11 @@ def count_params(shape: ModelShape, heads_per_layer: Sequence[int], neurons_per_
     """Parameters of the prunable projections (attention Q/K/V/output and FFN weights and biases, output
     biases included) for the given per-layer counts. The difference between two calls is exactly the
     change of ``sum(p.numel() for p in model.parameters())`` caused by pruning."""
-    d, dh = shape.hidden_size, shape.head_dim
-    per_head = 3 * (d * dh + dh) + dh * d  # q/k/v rows + biases, output-projection rows
-    per_neuron = d + 1 + d  # up-projection row + bias, down-projection column
-    fixed = 2 * d  # the two output biases, never pruned
+    if shape.unit_params is not None:
+        per_head, per_neuron, fixed = shape.unit_params
+    else:
+        d, dh = shape.hidden_size, shape.head_dim
+        per_head = 3 * (d * dh + dh) + dh * d  # q/k/v rows + biases, output-projection rows
+        per_neuron = d + 1 + d  # up-projection row + bias, down-projection column
+        fixed = 2 * d  # the two output biases, never pruned
     return sum(h * per_head + n * per_neuron + fixed for h, n in zip(heads_per_layer, neurons_per_layer))

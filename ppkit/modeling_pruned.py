@@ -45,6 +45,7 @@ __all__ = [
     "POOLINGS",
     "FAMILY_CLASSES",
     "BERT_SHAPED",
+    "LLAMA_SHAPED",
     "PPKIT_CLASSES",
     "AUTO_MAP",
 ]
@@ -86,6 +87,16 @@ FAMILY_CLASSES: dict[str, dict[str, str]] = {
         "masked-lm": "DistilBertForMaskedLM",
         "token-classification": "DistilBertForTokenClassification",
     },
+    **{
+        family: {
+            "base": f"{prefix}Model",
+            "causal-lm": f"{prefix}ForCausalLM",
+            "sequence-classification": f"{prefix}ForSequenceClassification",
+            "question-answering": f"{prefix}ForQuestionAnswering",
+            "token-classification": f"{prefix}ForTokenClassification",
+        }
+        for family, prefix in (("llama", "Llama"), ("qwen2", "Qwen2"), ("mistral", "Mistral"))
+    },
     "gpt2": {
         "base": "GPT2Model",
         "causal-lm": "GPT2LMHeadModel",
@@ -97,6 +108,11 @@ FAMILY_CLASSES: dict[str, dict[str, str]] = {
 #: families whose layers have BERT's layout: ``attention.self.{query,key,value}``, ``attention.output.dense``,
 #: ``intermediate.dense``, ``output.dense`` (RoBERTa's position offset lives in its embeddings, untouched)
 BERT_SHAPED = ("bert", "roberta", "xlm-roberta", "electra")
+
+#: decoder families with Llama's layer layout: ``self_attn.{q,k,v,o}_proj`` with grouped-query attention
+#: (``num_key_value_heads`` key/value heads, each shared by a group of query heads) and a gated FFN
+#: ``mlp.{gate,up,down}_proj``; RMSNorm and rotary embeddings are untouched by pruning
+LLAMA_SHAPED = ("llama", "qwen2", "mistral")
 
 #: ppkit head name -> transformers auto class (for ``auto_map``)
 AUTO_CLASSES: dict[str, str] = {
@@ -195,6 +211,46 @@ def empty_self_attention(attention_cls: type) -> type:
 EmptyBertSelfAttention = empty_self_attention(BertSelfAttention)
 
 
+class EmptyGroupedAttention(nn.Module):
+    """Llama-style attention with zero key/value groups: ``o_proj`` of an empty context (its bias, if any).
+
+    Mixed into the family's attention class by :func:`empty_grouped_attention`, like
+    :class:`EmptySelfAttention`. The KV cache is still advanced (see ``_cache_placeholder``), so
+    ``generate`` keeps the right positions and masks in every layer.
+    """
+
+    def __init__(self, config, layer_idx: int, like: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = like.head_dim
+        self.num_key_value_groups = like.num_key_value_groups
+        self.scaling = like.scaling
+        self.attention_dropout = like.attention_dropout
+        self.is_causal = True
+        weight = like.o_proj.weight
+        self.o_proj = _linear(0, config.hidden_size, weight, bias=like.o_proj.bias is not None)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                past_key_values=None, **kwargs):
+        key_len = _update_cache(_either(cache, past_key_values), self.layer_idx, hidden_states)
+        batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+        output = self.o_proj(hidden_states.new_zeros(batch, seq, 0))
+        return output, hidden_states.new_zeros(batch, 0, seq, key_len)
+
+
+def empty_grouped_attention(attention_cls: type) -> type:
+    """The zero-group variant of a Llama-style attention class (``Empty<Name>``, made once)."""
+    if issubclass(attention_cls, EmptyGroupedAttention):
+        return attention_cls
+    cls = _EMPTY_ATTENTION_CLASSES.get(attention_cls)
+    if cls is None:
+        name = "Empty" + attention_cls.__name__
+        cls = type(name, (EmptyGroupedAttention, attention_cls), {"__module__": __name__, "__qualname__": name})
+        _EMPTY_ATTENTION_CLASSES[attention_cls] = cls
+    return cls
+
+
 class EmptyDistilBertSelfAttention(DistilBertSelfAttention):
     """DistilBERT attention with zero heads: ``out_lin`` (inside this module in DistilBERT) of an empty
     context, i.e. its bias."""
@@ -253,10 +309,10 @@ class EmptyGPT2Attention(GPT2Attention):
         return output, weights
 
 
-def _linear(n_in: int, n_out: int, like: torch.Tensor) -> nn.Linear:
+def _linear(n_in: int, n_out: int, like: torch.Tensor, bias: bool = True) -> nn.Linear:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-        return nn.Linear(n_in, n_out, device=like.device, dtype=like.dtype)
+        return nn.Linear(n_in, n_out, bias=bias, device=like.device, dtype=like.dtype)
 
 
 def _conv1d(n_out: int, n_in: int, like: torch.Tensor) -> Conv1D:
@@ -337,6 +393,52 @@ def resize_distilbert_block(block: nn.Module, config, num_heads: int, num_neuron
         block.ffn.lin2 = _linear(num_neurons, hidden, like)
 
 
+def grouped_head_dim(config) -> int:
+    """Width of one query / key / value head of a Llama-style config (``head_dim`` may be set explicitly)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def llama_layer_sizes(layer: nn.Module, config) -> tuple[int, int]:
+    """(key/value groups, neurons) a Llama-style decoder layer has now."""
+    group_width = grouped_head_dim(config) * (config.num_attention_heads // config.num_key_value_heads)
+    return layer.self_attn.o_proj.in_features // group_width, layer.mlp.gate_proj.out_features
+
+
+def resize_llama_layer(layer: nn.Module, config, num_groups: int, num_neurons: int) -> None:
+    """Rebuild one Llama-style decoder layer for ``num_groups`` key/value groups and ``num_neurons`` neurons.
+
+    A group is one key/value head with the ``num_attention_heads // num_key_value_heads`` query heads
+    that share it, so ``q_proj``/``o_proj`` keep ``groups * per_group * head_dim`` channels and
+    ``k_proj``/``v_proj`` ``groups * head_dim``; the attention's ``num_key_value_groups`` (query heads
+    per key/value head) is unchanged, and its forward reshapes with ``-1`` heads. The gated FFN's
+    gate and up projections lose the same rows. Biases follow the existing projections (Qwen2 has
+    them on q/k/v only).
+    """
+    hidden = config.hidden_size
+    head_dim = grouped_head_dim(config)
+    per_group = config.num_attention_heads // config.num_key_value_heads
+    cur_groups, cur_neurons = llama_layer_sizes(layer, config)
+    attention = layer.self_attn
+    like = attention.o_proj.weight
+    if num_groups != cur_groups:
+        if num_groups == 0:
+            empty = empty_grouped_attention(type(attention))
+            layer.self_attn = empty(config, attention.layer_idx, attention)
+        else:
+            if isinstance(attention, EmptyGroupedAttention):
+                raise ValueError("cannot grow an attention block that has no heads")
+            q_width, kv_width = num_groups * per_group * head_dim, num_groups * head_dim
+            attention.q_proj = _linear(hidden, q_width, like, bias=attention.q_proj.bias is not None)
+            attention.k_proj = _linear(hidden, kv_width, like, bias=attention.k_proj.bias is not None)
+            attention.v_proj = _linear(hidden, kv_width, like, bias=attention.v_proj.bias is not None)
+            attention.o_proj = _linear(q_width, hidden, like, bias=attention.o_proj.bias is not None)
+    if num_neurons != cur_neurons:
+        mlp = layer.mlp
+        mlp.gate_proj = _linear(hidden, num_neurons, like, bias=mlp.gate_proj.bias is not None)
+        mlp.up_proj = _linear(hidden, num_neurons, like, bias=mlp.up_proj.bias is not None)
+        mlp.down_proj = _linear(num_neurons, hidden, like, bias=mlp.down_proj.bias is not None)
+
+
 def resize_gpt2_block(block: nn.Module, config, num_heads: int, num_neurons: int) -> None:
     """Rebuild the projections of one ``GPT2Block`` for ``num_heads`` heads and ``num_neurons`` neurons.
 
@@ -373,6 +475,8 @@ def _stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
         return family, base.encoder.layer
     if family == "distilbert":
         return family, base.transformer.layer
+    if family in LLAMA_SHAPED:
+        return family, base.layers
     if family == "gpt2":
         return family, base.h
     raise TypeError(f"{type(model).__name__} is not a model family ppkit prunes ({family!r})")
@@ -390,7 +494,8 @@ def shrink_to_shape(model: nn.Module, heads_per_layer: Sequence[int], neurons_pe
             f"model has {len(layers)} layers but ppkit_heads_per_layer/ppkit_neurons_per_layer have "
             f"{len(heads_per_layer)}/{len(neurons_per_layer)} entries"
         )
-    resize = {"gpt2": resize_gpt2_block, "distilbert": resize_distilbert_block}.get(family, resize_bert_layer)
+    resize = {"gpt2": resize_gpt2_block, "distilbert": resize_distilbert_block,
+              **{f: resize_llama_layer for f in LLAMA_SHAPED}}.get(family, resize_bert_layer)
     for layer, heads, neurons in zip(layers, heads_per_layer, neurons_per_layer):
         resize(layer, model.config, int(heads), int(neurons))
     return model

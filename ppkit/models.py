@@ -1,4 +1,4 @@
-"""Loading pre-trained, fine-tuned or ppkit-pruned models (BERT, RoBERTa, XLM-R, ELECTRA, GPT-2) and their tokenizers (writing a
+"""Loading pre-trained, fine-tuned or ppkit-pruned models of the supported families and their tokenizers (writing a
 pruned model is :mod:`ppkit.saving`'s job).
 
 Local directories are preferred; a hub name is used from the local cache or, when the hub is
@@ -310,10 +310,10 @@ def load_model(
     pooling: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Load a supported model (BERT, RoBERTa, XLM-R, ELECTRA, GPT-2; eval mode) from a local directory or a hub name.
+    """Load a supported model (any family in :data:`HEAD_CLASSES`; eval mode) from a local directory or a hub name.
 
     ``head`` picks the task head: "base", "sequence-classification", "question-answering",
-    "causal-lm" (GPT-2), "masked-lm" (BERT) or "token-classification"; a head missing from the
+    "causal-lm" (decoders), "masked-lm" (encoders but ELECTRA) or "token-classification"; a head missing from the
     checkpoint is newly initialised (``num_labels`` outputs for classification). A directory written by
     :func:`ppkit.saving.save_pruned` is loaded with :func:`ppkit.models.load_pruned`. Raises
     :class:`ModelLoadError` (missing path, not a model directory, offline hub name, pickled weights
@@ -392,9 +392,9 @@ _TASK_HEADS = ("sequence-classification", "question-answering", "token-classific
 
 def pruning_head(name_or_path: str | Path) -> str:
     """The head a model is pruned with: a fine-tuned task model keeps its task head (classification,
-    QA, token classification); GPT-2 keeps its language-modelling head (tied to the input embeddings,
-    so it costs no weights, and it is how GPT-2 is used: ``generate``, logits in ONNX); a pre-trained
-    BERT body is pruned without a head ("base")."""
+    QA, token classification); a decoder (GPT-2, Llama-style) keeps its language-modelling head (how
+    decoders are used: ``generate``, logits in ONNX); a pre-trained encoder body is pruned without a
+    head ("base")."""
     from .export import head_from_config
 
     local = _local_dir(name_or_path)
@@ -412,7 +412,7 @@ def pruning_head(name_or_path: str | Path) -> str:
     head = head_from_config(config)
     if head in _TASK_HEADS:
         return head
-    return "causal-lm" if config.get("model_type") == "gpt2" else "base"
+    return "causal-lm" if "causal-lm" in HEAD_CLASSES.get(str(config.get("model_type")), {}) else "base"
 
 
 def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:

@@ -68,6 +68,27 @@ def tiny_gpt2_config(**overrides):
 ENCODER_CONFIGS = {"roberta": "RobertaConfig", "xlm-roberta": "XLMRobertaConfig", "electra": "ElectraConfig",
                    "distilbert": "DistilBertConfig"}
 
+#: tiny Llama-style decoders: Llama with 2 query heads per key/value head, Qwen2 with q/k/v biases and an
+#: explicit head_dim (12, not hidden / heads), Mistral with plain multi-head attention (one query head per group)
+DECODER_CONFIGS = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, head_dim=12)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=4, sliding_window=None)),
+}
+
+
+def tiny_decoder_config(family: str, **overrides):
+    """Tiny config of a Llama-style family (``DECODER_CONFIGS``): 3 layers, hidden 32, 4 query heads, FFN 64."""
+    import transformers
+
+    name, extra = DECODER_CONFIGS[family]
+    kwargs = dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=64, attention_dropout=0.0,
+                  bos_token_id=TINY_VOCAB - 1, eos_token_id=TINY_VOCAB - 1, pad_token_id=TINY_VOCAB - 1,
+                  tie_word_embeddings=False, attn_implementation="eager", **extra)
+    kwargs.update(overrides)
+    return getattr(transformers, name)(**kwargs)
+
 
 def tiny_encoder_config(family: str, **overrides):
     """Tiny config of a BERT-shaped family (``ENCODER_CONFIGS``), BERT's tiny shape. RoBERTa / XLM-R get
@@ -102,7 +123,8 @@ def make_tiny(family: str, cls_name: str, seed: int = 0, **overrides):
     if family == "gpt2":
         return make_tiny_gpt2(cls_name, seed=seed, **overrides)
     torch.manual_seed(seed)
-    return getattr(transformers, cls_name)(tiny_encoder_config(family, **overrides)).eval()
+    config = tiny_decoder_config(family, **overrides) if family in DECODER_CONFIGS else tiny_encoder_config(family, **overrides)
+    return getattr(transformers, cls_name)(config).eval()
 
 
 def make_tiny_bert(cls_name: str = "BertModel", seed: int = 0, **overrides):

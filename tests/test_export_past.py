@@ -76,3 +76,23 @@ def test_encoder_and_existing_file_are_clear_errors(tmp_path):
     with pytest.raises(OutputError, match="exists"):
         export_with_past(model, tmp_path / "lm.onnx")
     assert (tmp_path / "lm.onnx").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("kind", ["zeros", "uneven"])
+@pytest.mark.parametrize("family,cls_name", [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+def test_grouped_query_decoders_decode_in_onnxruntime_like_torch(tmp_path, family, cls_name, kind):
+    """Llama-style decoders cache one key/value head per kept group; left padding included."""
+    from conftest import make_tiny
+
+    model = make_tiny(family, cls_name, seed=2)
+    plan = plan_for(model, seed=5, kind=kind)
+    prune_model(model, plan)
+    report = export_with_past(model, tmp_path / "lm.onnx")
+    assert report.cache_heads == plan.heads_per_layer and report.max_abs_diff <= 1e-4
+    ids = torch.randint(1, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    model.generation_config.eos_token_id = None  # plain greedy: no stopping, no end-of-sequence suppression
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    got = greedy_decode(session(report.path), ids.numpy(), 24, attention_mask=mask.numpy())
+    np.testing.assert_array_equal(got, expected.numpy())

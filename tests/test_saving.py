@@ -302,7 +302,7 @@ def test_load_model_path_errors(tmp_path):
         load_model(tmp_path / "empty")
     (tmp_path / "t5").mkdir()
     (tmp_path / "t5" / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(UnsupportedModelError, match="'t5'.*bert, roberta, xlm-roberta, electra, distilbert, gpt2"):
+    with pytest.raises(UnsupportedModelError, match="'t5'.*bert, roberta, xlm-roberta, electra, distilbert, gpt2, llama, qwen2, mistral"):
         load_model(tmp_path / "t5")
 
 

@@ -14,10 +14,11 @@ from .bert import BertAdapter
 from .distilbert import DistilBertAdapter
 from .electra import ElectraAdapter
 from .gpt2 import GPT2Adapter
+from .llama import LlamaAdapter, MistralAdapter, Qwen2Adapter
 from .roberta import RobertaAdapter, XLMRobertaAdapter
 
 ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (BertAdapter, RobertaAdapter, XLMRobertaAdapter, ElectraAdapter,
-                                                   DistilBertAdapter, GPT2Adapter)
+                                                   DistilBertAdapter, GPT2Adapter, LlamaAdapter, Qwen2Adapter, MistralAdapter)
 FAMILIES: dict[str, type[ArchitectureAdapter]] = {a.family: a for a in ADAPTERS}
 
 __all__ = ["ADAPTERS", "FAMILIES", "ArchitectureAdapter", "ModelShape", "get_adapter", "supported_classes"]

@@ -20,7 +20,13 @@ class ModelShape:
     """Sizes of a (possibly pruned) transformer stack.
 
     ``num_heads`` / ``ffn_dim`` are the dense per-layer sizes a plan indexes into;
-    ``heads_per_layer`` / ``neurons_per_layer`` are what the model has now.
+    ``heads_per_layer`` / ``neurons_per_layer`` are what the model has now. A "head" is the unit of
+    attention pruning: one head, or for grouped-query attention one key/value head with the query heads
+    that share it. ``head_dim`` is its width in the merged context (the output projection's input);
+    ``kv_dim`` its width in the key and value projections (``head_dim`` unless grouped);
+    ``ffn_projections`` counts the FFN matrices a neuron owns a row or column of (3 for a gated FFN).
+    ``unit_params`` is (parameters per head, per neuron, per layer that pruning never removes), when
+    the adapter counts them from the modules (biases differ by family).
     """
 
     family: str
@@ -33,6 +39,9 @@ class ModelShape:
     neurons_per_layer: tuple[int, ...]
     max_positions: int
     is_causal: bool
+    kv_dim: int | None = None
+    ffn_projections: int = 2
+    unit_params: tuple[int, int, int] | None = None
 
     @property
     def is_dense(self) -> bool:
@@ -57,7 +66,7 @@ class ArchitectureAdapter(ABC):
             raise UnsupportedModelError(f"{self.family} models with cross-attention layers are not supported by ppkit")
         self.base = model.base_model
         self.layers = self._layer_stack(self.base)
-        self.head_dim = model.config.hidden_size // model.config.num_attention_heads
+        self.head_dim = self._unit_width(model.config)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -73,7 +82,7 @@ class ArchitectureAdapter(ABC):
         return ModelShape(
             family=self.family,
             num_layers=len(self.layers),
-            num_heads=config.num_attention_heads,
+            num_heads=self._num_units(config),
             head_dim=self.head_dim,
             hidden_size=config.hidden_size,
             ffn_dim=self._dense_ffn_dim(config),
@@ -81,7 +90,20 @@ class ArchitectureAdapter(ABC):
             neurons_per_layer=tuple(n for _, n in sizes),
             max_positions=config.max_position_embeddings,
             is_causal=self._is_causal(config),
+            **self._unit_costs(config),
         )
+
+    def _num_units(self, config) -> int:
+        """Prunable attention units per dense layer (heads; key/value groups for grouped-query attention)."""
+        return config.num_attention_heads
+
+    def _unit_width(self, config) -> int:
+        """Channels of one unit in the merged attention context."""
+        return config.hidden_size // config.num_attention_heads
+
+    def _unit_costs(self, config) -> dict:
+        """Extra :class:`ModelShape` fields of families whose units cost other than BERT's (none here)."""
+        return {}
 
     @abstractmethod
     def _layer_stack(self, base: nn.Module) -> nn.ModuleList:

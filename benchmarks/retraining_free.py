@@ -7,7 +7,8 @@ Kwon et al.; labels unused) and scores the pruned model on the full dev set. Per
 of one forward pass of the dense model over the same calibration batches is the cost yardstick.
 
 Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 (run in this order) x fisher, Dual-CP, KCM,
-random (seeds 0-2; seeds 1-2 last) x reconstruction none / lstsq (one shot) / lstsq-seq (sequential).
+random (seeds 0-2; seeds 1-2 last) x reconstruction none / lstsq (one shot) / lstsq-seq (sequential), and
+fisher with Kwon et al.'s own mask tuning (``--compensate mask-tuning``: per-unit scales, sequential).
 One JSON per cell in ``benchmarks/results/retraining_free/``; resumable, two runners share the grid.
 
     python benchmarks/retraining_free.py --stop-at 10:00     # run (resumable)
@@ -38,16 +39,21 @@ START, END = "<!-- retraining-free:start -->", "<!-- retraining-free:end -->"
 TASKS = ("stsb", "mrpc", "sst2")
 BUDGETS = (0.6, 0.4, 0.8, 0.5, 0.7)
 STRATEGIES = ("fisher", "dual-cp", "kcm", "random")
-COMPENSATIONS = ("none", "lstsq", "lstsq-seq")
+COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "mask-tuning")
 SAMPLES = 2000
 NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
 
 
 def grid() -> list[tuple[str, str, float, int, str]]:
     """(task, strategy, budget, seed, compensation), the most informative first."""
-    first = [(t, s, b, 0, c) for b in BUDGETS for t in TASKS for s in STRATEGIES for c in COMPENSATIONS]
-    more_seeds = [(t, "random", b, seed, c) for seed in (1, 2) for b in BUDGETS for t in TASKS for c in COMPENSATIONS]
+    first = [(t, s, b, 0, c) for b in BUDGETS for t in TASKS for s in STRATEGIES for c in compensations(s)]
+    more_seeds = [(t, "random", b, seed, c) for seed in (1, 2) for b in BUDGETS for t in TASKS for c in compensations("random")]
     return first + more_seeds
+
+
+def compensations(strategy: str) -> tuple[str, ...]:
+    """Reconstructions run after ``strategy``: mask tuning is the fisher method's own step (Kwon et al.)."""
+    return COMPENSATIONS if strategy == "fisher" else COMPENSATIONS[:3]
 
 
 def slug(cell: tuple) -> str:
@@ -196,8 +202,9 @@ def render(rows: list[dict]) -> str:
            f"**Status:** {done} of {total} cells done. Source: all-MiniLM-L6-v2 fine-tuned densely by `ppkit finetune` "
            f"(recipe cpu-v2); pruned with {SAMPLES} calibration samples of the train split, then scored on the full dev set "
            "(x100; Spearman for STS-B). Reconstruction: none / `--compensate lstsq` (one shot) / `lstsq-seq` "
-           "(sequential). random: mean over the pruning seeds done. `fisher` has no mask rearrangement or mask tuning "
-           "(see plugins/fisher.py); lstsq is ppkit's reconstruction for every strategy.", ""]
+           "(sequential) for every strategy, and for fisher also `mask-tuning` (Kwon et al.'s per-unit scales, fit "
+           "sublayer by sublayer). random: mean over the pruning seeds done. `fisher` has no mask rearrangement "
+           "(see plugins/fisher.py).", ""]
     panels = []
     for task in [t for t in TASKS if any(k[0] == t for k in cells)]:
         dense = next(_main(r, "dense") for r in rows if r["task"] == task)

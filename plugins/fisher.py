@@ -12,8 +12,9 @@ QA model, or GPT-2's LM head).
 Differences from the paper, on purpose: the calibration data here is unlabeled, so the loss of each
 example is taken at a label *sampled from the model's own prediction* (the true Fisher, rather than the
 empirical Fisher at the gold label; for regression, the prediction plus unit Gaussian noise); the
-paper's mask rearrangement and mask tuning (per-unit rescaling by least squares) are not implemented:
-``--compensate lstsq`` is ppkit's weight reconstruction. Per-example gradients, like the paper's, come
+paper's mask rearrangement is not implemented. The paper's mask tuning (per-unit rescaling by least
+squares, layer by layer) is ``--compensate mask-tuning`` (:mod:`ppkit.sequential`), open to every
+strategy, beside ppkit's own row refit ``--compensate lstsq-seq``. Per-example gradients, like the paper's, come
 from one batched forward and backward pass per calibration batch, each example with its own copy of
 the masks (the ``examples`` option caps the examples used).
 """

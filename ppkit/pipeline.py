@@ -23,7 +23,7 @@ from .plan import PruningPlan
 
 log = logging.getLogger("ppkit")
 
-COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "merge")
+COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "mask-tuning", "merge")
 #: heads that only a fine-tuned checkpoint has (their weights are trained, and kept by prune)
 FINE_TUNED_HEADS = ("sequence-classification", "question-answering", "token-classification")
 
@@ -125,15 +125,16 @@ def prune(
     batch_size: int = 32,
     multiple_of: int = 1,
 ) -> PruneResult:
-    """Prune a pre-trained BERT-family model or GPT-2 to ``flops`` of its FLOPs with a registered strategy.
+    """Prune a pre-trained (or fine-tuned) model of a supported family to ``flops`` of its FLOPs with a registered strategy.
 
     ``model`` is a hub name, a local model directory or an already loaded model (then pass
     ``tokenizer``). Calibration data comes from ``task``'s train split (hub) or ``data`` (local files).
     When ``out`` is given, the pruned model, ``plan.json``, ``report.json`` and ``plan.png`` are
     written there atomically (an existing directory is refused unless ``overwrite``).
-    ``compensate`` (none | lstsq | lstsq-seq | merge) corrects the kept weights from
+    ``compensate`` (none | lstsq | lstsq-seq | mask-tuning | merge) corrects the kept weights from
     ``compensate_tokens`` calibration tokens (``"all"``/None: every token); ``lstsq-seq`` refits
-    sublayer by sublayer on the pruned model's own inputs (:mod:`ppkit.sequential`). ``multiple_of``
+    sublayer by sublayer on the pruned model's own inputs, ``mask-tuning`` fits one scale per kept unit
+    the same way (:mod:`ppkit.sequential`). ``multiple_of``
     N > 1 makes every layer's kept FFN width a multiple of N inside the budget (:mod:`ppkit.align`).
     """
     from . import registry
@@ -223,11 +224,12 @@ def prune(
             plan = aligned
 
     compensation_report: dict[str, Any] = {"method": compensate}
-    if compensate == "lstsq-seq":
+    if compensate in ("lstsq-seq", "mask-tuning"):
         from .sequential import reconstruct_sequential
 
         with timer.stage("compensation"):
-            compensation_report = reconstruct_sequential(net, plan, calib.batches, seed=seed, max_tokens=moment_tokens)
+            compensation_report = reconstruct_sequential(net, plan, calib.batches, seed=seed, max_tokens=moment_tokens,
+                                                         solver="rows" if compensate == "lstsq-seq" else "scales")
     elif compensate != "none":
         from .compensate import collect_moments, compensate_model
 

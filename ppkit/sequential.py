@@ -14,6 +14,11 @@ with the same per-token weights (1 / |y - b|^2), ridge grid and held-out accepta
 one-shot fit. A sublayer that keeps everything is refit too once anything before it is pruned (its
 inputs moved); with nothing pruned up to a sublayer, it is left alone.
 
+``--compensate mask-tuning`` is Kwon et al.'s mask tuning in the same sequential loop: instead of new
+rows, one scale per kept unit (its rows times s_u, the bias untouched), the least-squares solution of
+the same weighted objective with a ridge toward s = 1. It is the restricted version of the row refit
+(units x 1 unknowns instead of units x unit_size x hidden), kept as the fisher strategy's own step.
+
 Cost: one dense pass over the selected sequences for the targets, then one truncated pass per
 sublayer (the forward stops at the sublayer's projection), about (L + 1) full passes over a few
 thousand tokens (``max_tokens``, whole calibration batches).
@@ -35,6 +40,35 @@ from .plan import PruningPlan
 from .statistics import _model_device, _valid_mask
 
 KINDS = ("attention", "ffn")
+SOLVERS = {"rows": "lstsq-seq", "scales": "mask-tuning"}
+
+
+def scale_solutions(g: torch.Tensor, cross: torch.Tensor, base_rows: torch.Tensor, unit_size: int,
+                    ridges) -> Any:
+    """Kept rows ``diag(s) P`` (bias row unchanged) for the per-unit scales s minimising
+    sum w |x_K diag(s) P + b - y|^2 + mu |s - 1|^2, for each relative ridge: Kwon et al.'s mask tuning.
+
+    With unit u's rows P_u and G, C the weighted moments of [x_K, 1] (as for the row refit), the normal
+    equations are A s = r with A[u, v] = sum over u's and v's rows of G[i, j] <P_i, P_j> and
+    r[u] = sum over u's rows of <C_i - G[i, bias] b, P_i>.
+    """
+    rows, bias = base_rows[:-1], base_rows[-1]
+    k = rows.shape[0]
+    units = k // unit_size
+    if units == 0:
+        return
+    pair = g[:k, :k] * (rows @ rows.T)
+    a = pair.reshape(units, unit_size, units, unit_size).sum(dim=(1, 3))
+    r = ((cross[:k] - g[:k, k:k + 1] * bias) * rows).sum(1).reshape(units, unit_size).sum(1)
+    scale = max(float(a.diagonal().mean()), 1e-12)
+    eye = torch.eye(units, dtype=a.dtype)
+    for ridge in ridges:
+        mu = ridge * scale
+        factor, info = torch.linalg.cholesky_ex(a + mu * eye)
+        if int(info) != 0:
+            continue
+        s = torch.cholesky_solve((r + mu).unsqueeze(1), factor).squeeze(1)
+        yield ridge, torch.cat([rows * s.repeat_interleave(unit_size).unsqueeze(1), bias.unsqueeze(0)])
 
 
 class _Reached(Exception):
@@ -120,13 +154,17 @@ def reconstruct_sequential(
     seed: int = 0,
     max_tokens: int | None = MOMENT_TOKENS,
     holdout: float = HOLDOUT,
+    solver: str = "rows",
 ) -> dict[str, Any]:
     """Correct the kept output rows of a *dense* ``model`` in place, sublayer by sublayer, before surgery.
 
     ``max_tokens`` real calibration tokens (whole batches; None = all) are used, a ``holdout`` share of
-    the sequences judging each correction. Returns the ``compensation`` report (as
+    the sequences judging each correction. ``solver`` "rows" refits the kept rows (``lstsq-seq``),
+    "scales" one scale per kept unit (``mask-tuning``). Returns the ``compensation`` report (as
     :func:`ppkit.compensate.compensate_model`'s, with ``sequential: true``).
     """
+    if solver not in SOLVERS:
+        raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     from .adapters import get_adapter
 
     t0 = time.perf_counter()
@@ -157,13 +195,16 @@ def reconstruct_sequential(
                 held_error = quadratic_error(*moments["held"])
                 err_before = held_error(base_rows)
                 g_fit, cross_fit, _ = moments["fit"]
-                best_rows, best_err, best_ridge = best_candidate(
-                    ridge_solutions(g_fit, cross_fit, base_rows, RIDGE_GRID), held_error, base_rows)
+                if solver == "rows":
+                    candidates = ridge_solutions(g_fit, cross_fit, base_rows, RIDGE_GRID)
+                else:
+                    candidates = scale_solutions(g_fit, cross_fit, base_rows, unit_size, RIDGE_GRID)
+                best_rows, best_err, best_ridge = best_candidate(candidates, held_error, base_rows)
                 accepted = best_rows is not base_rows
                 if accepted:
                     set_kept_rows(adapter, layer, kind, theta, keep_rows, best_rows)
                 results.append(SublayerResult(layer, kind, err_before, best_err, accepted, best_ridge))
-    report = summarize(results, "lstsq-seq")
+    report = summarize(results, SOLVERS[solver])
     real = torch.cat([held for _, _, held in selected])
     report.update(sequential=True, tokens_fit=int((~real).sum()), tokens_held=int(real.sum()),
                   forward_passes=passes, seconds=time.perf_counter() - t0)

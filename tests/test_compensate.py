@@ -1,4 +1,4 @@
-"""Retraining-free compensation (`--compensate lstsq|lstsq-seq|merge`): exactness, no-op, safety, parity."""
+"""Retraining-free compensation (`--compensate lstsq|lstsq-seq|mask-tuning|merge`): exactness, no-op, safety, parity."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def last_hidden(model, batches):
 
 
 def correct(model, plan, method: str, batches) -> dict:
-    """Compensate with ``method`` as ``ppkit prune --compensate`` does: lstsq-seq has a module of its own."""
-    if method == "lstsq-seq":
-        return reconstruct_sequential(model, plan, batches)
+    """Compensate with ``method`` as ``ppkit prune --compensate`` does: the sequential ones have a module of their own."""
+    if method in ("lstsq-seq", "mask-tuning"):
+        return reconstruct_sequential(model, plan, batches, solver="rows" if method == "lstsq-seq" else "scales")
     return compensate_model(model, plan, method=method, batches=batches)
 
 
@@ -46,7 +46,7 @@ def duplicate_neurons(model, pairs: dict[int, int]) -> None:
 
 
 @pytest.mark.parametrize("make", [make_tiny_bert, make_tiny_gpt2], ids=["bert", "gpt2"])
-@pytest.mark.parametrize("method", ["lstsq", "lstsq-seq", "merge"])
+@pytest.mark.parametrize("method", ["lstsq", "lstsq-seq", "mask-tuning", "merge"])
 def test_nothing_pruned_changes_nothing(make, method):
     model = make("BertModel") if make is make_tiny_bert else make("GPT2Model")
     shape = get_adapter(model).shape()
@@ -80,7 +80,7 @@ def test_linearly_dependent_neurons_are_recovered_exactly(method):
     assert (last_hidden(pruned, batches) - dense).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("method", ["lstsq", "lstsq-seq"])
+@pytest.mark.parametrize("method", ["lstsq", "lstsq-seq", "mask-tuning"])
 def test_compensated_masked_pruned_reloaded_onnx_agree(tmp_path, method):
     model = make_tiny_gpt2("GPT2LMHeadModel")
     plan = plan_for(model, seed=3, kind="zeros")
@@ -129,6 +129,36 @@ def test_sequential_refits_the_layers_after_a_pruned_one():
         return ((out - dense).pow(2).sum() / dense.pow(2).sum()).item()
 
     assert error(sequential) < 0.8 * error(one_shot)  # measured: 0.23 vs 0.39
+
+
+def test_mask_tuning_doubles_the_twin_of_a_pruned_copy():
+    """Neuron j an exact copy of neuron k, down-projection column included: dropping j is undone exactly
+    by scaling k by 2, which is what mask tuning's per-unit least squares finds (every other unit stays 1)."""
+    model = make_tiny_bert("BertModel")
+    shape = get_adapter(model).shape()
+    pairs = {5: 1, 9: 2, 20: 3}
+    duplicate_neurons(model, pairs)
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for j, k in pairs.items():
+                layer.output.dense.weight[:, j] = layer.output.dense.weight[:, k]
+    before = {l: layer.output.dense.weight.clone() for l, layer in enumerate(model.encoder.layer)}
+    batches = random_batches(model)
+    dense = last_hidden(model, batches)
+    keep = tuple(n for n in range(shape.ffn_dim) if n not in pairs)
+    plan = PruningPlan([LayerPlan(tuple(range(shape.num_heads)), keep)] * shape.num_layers, shape.num_heads, shape.ffn_dim)
+
+    report = correct(model, plan, "mask-tuning", batches)
+    assert report["method"] == "mask-tuning" and all(l["accepted"] for l in report["layers"])
+    for l, layer in enumerate(model.encoder.layer):
+        weight = layer.output.dense.weight
+        scales = (weight * before[l]).sum(0) / before[l].pow(2).sum(0)  # per column: new = s * old
+        expected = torch.ones(shape.ffn_dim)
+        expected[list(pairs.values())] = 2.0
+        kept = torch.tensor(keep)
+        assert torch.allclose(scales[kept], expected[kept], atol=1e-3)
+        assert torch.allclose(weight[:, kept], before[l][:, kept] * scales[kept], atol=1e-5)  # only scaled
+    assert (last_hidden(prune_model(model, plan), batches) - dense).abs().max().item() <= 1e-4
 
 
 @pytest.mark.slow
@@ -221,7 +251,7 @@ def ws(tmp_path_factory):
 
 
 @pytest.mark.parametrize("strategy,method", [("dual-cp", "merge"), ("dual-cp", "lstsq"), ("random", "lstsq"),
-                                             ("dual-cp", "lstsq-seq")])
+                                             ("dual-cp", "lstsq-seq"), ("random", "mask-tuning")])
 def test_prune_cli_compensates_and_reports(ws, tmp_path, capsys, strategy, method):
     """``ppkit prune --compensate``: Dual-CP's moments ride on its statistics pass, random (no
     statistics) collects them in a pass of its own; both report per-layer held-out errors that never
@@ -244,7 +274,7 @@ def test_prune_cli_compensates_and_reports(ws, tmp_path, capsys, strategy, metho
     assert plain["compensation"] == {"method": "none"}
     assert comp["method"] == method and comp.get("moments_seconds", comp.get("seconds")) > 0
     # lstsq-seq leaves out layer 0's attention when it keeps every head: nothing upstream was pruned
-    skipped = method == "lstsq-seq" and comp["layers"][0]["sublayer"] == "ffn"
+    skipped = method in ("lstsq-seq", "mask-tuning") and comp["layers"][0]["sublayer"] == "ffn"
     assert len(comp["layers"]) == 2 * len(report["heads_per_layer"]) - skipped
     assert all(l["error_after"] <= l["error_before"] for l in comp["layers"])
     assert comp["accepted"] > 0

@@ -257,8 +257,10 @@ def select_head(model: nn.Module, head: str | None) -> tuple[nn.Module, str]:
     )
 
 
-def load_for_export(path: Path, head: str | None) -> nn.Module:
-    """Load a model directory (dense or ppkit-pruned) for export, with the head from its config by default."""
+def load_for_export(path: Path, head: str | None, attn_implementation: str | None = "eager") -> nn.Module:
+    """Load a model directory (dense or ppkit-pruned) for export, with the head from its config by default,
+    built with ``attn_implementation`` (transformers 4.x picks some attention classes, DistilBERT's, when
+    the model is built, so switching the config afterwards is not enough there)."""
     if head is None:
         config_file = path / "config.json"
         try:
@@ -267,7 +269,8 @@ def load_for_export(path: Path, head: str | None) -> nn.Module:
             raise ModelLoadError(f"{path} is not a model directory (cannot read config.json: {exc})") from None
     from .models import load_model
 
-    return load_model(str(path), head=head)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return load_model(str(path), head=head, **kwargs)
 
 
 # ----------------------------------------------------------------------------- export
@@ -314,7 +317,7 @@ def export_onnx(
     default_name = "model.onnx" if quantize is None else f"model-{quantize}.onnx"
     if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).is_dir():
         source = Path(model_or_dir)
-        model = load_for_export(source, head)
+        model = load_for_export(source, head, attn_implementation)
         if out_file is None:
             out_file = source / default_name
     elif isinstance(model_or_dir, (str, Path)):  # a hub name (or a missing path: load_model says which)

@@ -29,7 +29,7 @@ from transformers import BertForSequenceClassification
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertSelfAttention
-from transformers.models.distilbert.modeling_distilbert import DistilBertSelfAttention
+from transformers.models.distilbert import modeling_distilbert
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
@@ -251,9 +251,13 @@ def empty_grouped_attention(attention_cls: type) -> type:
     return cls
 
 
-class EmptyDistilBertSelfAttention(DistilBertSelfAttention):
+# transformers 5 calls it DistilBertSelfAttention; 4.57's is MultiHeadSelfAttention, called with query/key/value
+_DistilBertAttention = getattr(modeling_distilbert, "DistilBertSelfAttention", None) or modeling_distilbert.MultiHeadSelfAttention
+
+
+class EmptyDistilBertSelfAttention(_DistilBertAttention):
     """DistilBERT attention with zero heads: ``out_lin`` (inside this module in DistilBERT) of an empty
-    context, i.e. its bias."""
+    context, i.e. its bias. Returns (output, weights), which either transformers version's block unpacks."""
 
     def __init__(self, config) -> None:
         nn.Module.__init__(self)
@@ -266,10 +270,11 @@ class EmptyDistilBertSelfAttention(DistilBertSelfAttention):
         self.dropout = nn.Dropout(p=config.attention_dropout)
         self.is_causal = False
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs):
-        batch, seq = hidden_states.shape[0], hidden_states.shape[1]
-        output = self.out_lin(hidden_states.new_zeros(batch, seq, 0))
-        return output, hidden_states.new_zeros(batch, 0, seq, seq)
+    def forward(self, hidden_states: torch.Tensor | None = None, attention_mask=None, query=None, **kwargs):
+        x = hidden_states if hidden_states is not None else query
+        batch, seq = x.shape[0], x.shape[1]
+        output = self.out_lin(x.new_zeros(batch, seq, 0))
+        return output, x.new_zeros(batch, 0, seq, seq)
 
 
 class EmptyGPT2Attention(GPT2Attention):
@@ -387,7 +392,7 @@ def resize_distilbert_block(block: nn.Module, config, num_heads: int, num_neuron
             width = num_heads * head_dim
             attention.q_lin, attention.k_lin, attention.v_lin = (_linear(hidden, width, like) for _ in range(3))
             attention.out_lin = _linear(width, hidden, like)
-            attention.n_heads = num_heads
+            attention.n_heads, attention.dim = num_heads, width  # transformers 4.x splits heads with dim // n_heads
     if num_neurons != cur_neurons:
         block.ffn.lin1 = _linear(hidden, num_neurons, like)
         block.ffn.lin2 = _linear(num_neurons, hidden, like)

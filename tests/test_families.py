@@ -147,8 +147,9 @@ def tiny_sources(tmp_path_factory):
             model = make_tiny(family, FAMILY_CLASSES[family]["causal-lm"], vocab_size=len(tok), bos_token_id=eos,
                               eos_token_id=eos, pad_token_id=eos)
             task = ["--task", "ptb", "--data", SHARED / "lm" / "ptb", "--max-length", "32"]
-        else:
-            tok = bert_tok
+        else:  # DistilBERT's own tokenizer has no token types (its transformers 4.x forward refuses them)
+            tok = bert_tok if family != "distilbert" else AutoTokenizer.from_pretrained(
+                MINILM, model_input_names=["input_ids", "attention_mask"])
             model = make_tiny(family, FAMILY_CLASSES[family]["sequence-classification"], num_labels=2,
                               vocab_size=tok.vocab_size)
             task = ["--task", "sst2", "--data", data]
@@ -187,7 +188,11 @@ def test_optimized_export_writes_each_layers_heads(tmp_path, family):
     plan = plan_for(model, seed=2, kind="uneven")
     prune_model(model, plan)
     report = export_onnx(model, tmp_path / "fused.onnx", optimize=True)
-    assert report.optimization["attention_heads"] == plan.heads_per_layer
+    import transformers
+
+    # onnxruntime's fusion patterns do not match transformers 4.x's DistilBERT attention graph: nothing fused
+    old_distilbert = family == "distilbert" and int(transformers.__version__.split(".")[0]) < 5
+    assert report.optimization["attention_heads"] == ([] if old_distilbert else plan.heads_per_layer)
     assert report.optimization["max_abs_diff_vs_unfused"] <= ORT_TOL and report.max_abs_diff <= ORT_TOL
 
 

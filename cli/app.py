@@ -55,6 +55,7 @@ class Threshold(str, Enum):
 
 
 class Compensation(str, Enum):
+    auto = "auto"
     none = "none"
     lstsq = "lstsq"
     lstsq_seq = "lstsq-seq"
@@ -98,7 +99,7 @@ def prune(
     threshold: Threshold = typer.Option(Threshold.exact, "--threshold", help="How the global distance threshold is found: exact (from the dendrograms) or scan (the paper's delta scan)."),
     step: float = typer.Option(0.001, "--step", help="Step of the delta scan (--threshold scan; paper: 0.001)."),
     rebalance: bool = typer.Option(True, "--rebalance/--no-rebalance", help="Give the FLOPs left by coarse head granularity to the FFN so the total lands on the budget (off: the strict lambda split)."),
-    compensate: Compensation = typer.Option(Compensation.none, "--compensate", help="Fold what pruned units did into the kept weights: none (paper), lstsq (one shot, on the dense model's inputs), lstsq-seq (sublayer by sublayer, on the pruned model's own inputs), mask-tuning (Kwon et al.: one scale per kept head / neuron, sublayer by sublayer) or merge."),
+    compensate: Compensation = typer.Option(Compensation.auto, "--compensate", help="Fold what pruned units did into the kept weights: auto (lstsq-seq for a fine-tuned source with a task head, none for a pre-trained one), none (paper), lstsq (one shot, on the dense model's inputs), lstsq-seq (sublayer by sublayer, on the pruned model's own inputs), mask-tuning (Kwon et al.: one scale per kept head / neuron, sublayer by sublayer) or merge."),
     compensate_tokens: str = typer.Option("2048", "--compensate-tokens", help="Calibration tokens the compensation is fitted and judged on, or 'all' (more: closer fit, slower; see benchmarks/README.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration batch size."),
     multiple_of: int = typer.Option(1, "--multiple-of", help="Keep every layer's FFN width a multiple of N (e.g. 8 or 64 for fast matmuls), inside the budget; 1: off."),

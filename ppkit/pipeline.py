@@ -23,7 +23,7 @@ from .plan import PruningPlan
 
 log = logging.getLogger("ppkit")
 
-COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "mask-tuning", "merge")
+COMPENSATIONS = ("auto", "none", "lstsq", "lstsq-seq", "mask-tuning", "merge")
 #: heads that only a fine-tuned checkpoint has (their weights are trained, and kept by prune)
 FINE_TUNED_HEADS = ("sequence-classification", "question-answering", "token-classification")
 
@@ -114,7 +114,7 @@ def prune(
     seed: int = 0,
     flops_seq_len: float | None = None,
     options: dict[str, Any] | None = None,
-    compensate: str = "none",
+    compensate: str = "auto",
     compensate_tokens: int | str | None = 2048,
     out: str | Path | None = None,
     overwrite: bool = False,
@@ -131,10 +131,12 @@ def prune(
     ``tokenizer``). Calibration data comes from ``task``'s train split (hub) or ``data`` (local files).
     When ``out`` is given, the pruned model, ``plan.json``, ``report.json`` and ``plan.png`` are
     written there atomically (an existing directory is refused unless ``overwrite``).
-    ``compensate`` (none | lstsq | lstsq-seq | mask-tuning | merge) corrects the kept weights from
+    ``compensate`` (auto | none | lstsq | lstsq-seq | mask-tuning | merge) corrects the kept weights from
     ``compensate_tokens`` calibration tokens (``"all"``/None: every token); ``lstsq-seq`` refits
     sublayer by sublayer on the pruned model's own inputs, ``mask-tuning`` fits one scale per kept unit
-    the same way (:mod:`ppkit.sequential`). ``multiple_of``
+    the same way (:mod:`ppkit.sequential`); ``auto`` is ``lstsq-seq`` for a fine-tuned source (a task
+    head: no training follows, so the kept weights must carry the pruned units' work) and ``none`` for a
+    pre-trained one (the paper: fine-tuning follows). ``multiple_of``
     N > 1 makes every layer's kept FFN width a multiple of N inside the budget (:mod:`ppkit.align`).
     """
     from . import registry
@@ -188,6 +190,12 @@ def prune(
         if not shape.is_dense:
             raise InputError("the model is already pruned: P-pruning starts from a dense pre-trained model")
         params_before = sum(p.numel() for p in net.parameters())
+        requested_compensation = compensate
+        if compensate == "auto":
+            compensate = "lstsq-seq" if head in FINE_TUNED_HEADS and adapter.can_compensate else "none"
+        elif compensate != "none" and not adapter.can_compensate:
+            raise InputError(f"--compensate {compensate}: {adapter.family} projections have no output bias, which "
+                             "reconstruction refits; prune this family without --compensate")
 
     with timer.stage("calibration_data"):
         calib = calibration_batches(
@@ -283,10 +291,10 @@ def prune(
         "num_heads": plan.num_heads,
         "ffn_dim": plan.ffn_dim,
         "plan_meta": plan.meta,
-        "compensation": compensation_report,
+        "compensation": {**compensation_report, "requested": requested_compensation},
         "warnings": list(getattr(calib, "warnings", []) or []) + (
             ["the source is fine-tuned and nothing was compensated: to use the pruned model without training "
-             "it again, add --compensate lstsq (benchmarks/README.md, retraining-free pruning)"]
+             "it again, prune with --compensate auto or lstsq-seq (benchmarks/README.md, retraining-free pruning)"]
             if head in FINE_TUNED_HEADS and compensate == "none" else []),
         "timings_s": {},
         "versions": versions(),

@@ -149,7 +149,7 @@ def test_mask_tuning_doubles_the_twin_of_a_pruned_copy():
     plan = PruningPlan([LayerPlan(tuple(range(shape.num_heads)), keep)] * shape.num_layers, shape.num_heads, shape.ffn_dim)
 
     report = correct(model, plan, "mask-tuning", batches)
-    assert report["method"] == "mask-tuning" and all(l["accepted"] for l in report["layers"])
+    assert report["method"] == "mask-tuning" and all(l["accepted"] for l in report["layers"] if l["sublayer"] == "ffn")
     for l, layer in enumerate(model.encoder.layer):
         weight = layer.output.dense.weight
         scales = (weight * before[l]).sum(0) / before[l].pow(2).sum(0)  # per column: new = s * old
@@ -271,7 +271,7 @@ def test_prune_cli_compensates_and_reports(ws, tmp_path, capsys, strategy, metho
     report = prune(tmp_path / "comp", method)
     plain = prune(tmp_path / "plain", "none")
     comp = report["compensation"]
-    assert plain["compensation"] == {"method": "none"}
+    assert plain["compensation"] == {"method": "none", "requested": "none"}
     assert comp["method"] == method and comp.get("moments_seconds", comp.get("seconds")) > 0
     # lstsq-seq leaves out layer 0's attention when it keeps every head: nothing upstream was pruned
     skipped = method in ("lstsq-seq", "mask-tuning") and comp["layers"][0]["sublayer"] == "ffn"
@@ -307,3 +307,36 @@ def test_collector_flushes_across_batches_inside_inference_mode():
         # the token weights' eps is per flushed chunk, so the totals agree closely, not bit for bit
         assert ((a.ffn.fit - b.ffn.fit).norm() / a.ffn.fit.norm()).item() < 1e-2
         b.ffn.fit += 1.0  # plain tensors: usable outside inference mode
+
+
+def test_default_compensation_is_sequential_for_a_fine_tuned_source_only(ws, tmp_path, capsys):
+    """``--compensate auto`` (the default): a fine-tuned classifier is reconstructed sequentially (no
+    training follows), a pre-trained body is not (the paper: fine-tuning follows); an explicit ``none``
+    on a fine-tuned source warns."""
+    import json
+
+    from cli_support import MINILM, run_cli
+    from conftest import make_tiny_bert
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MINILM)
+    tuned = tmp_path / "tuned"
+    make_tiny_bert("BertForSequenceClassification", num_labels=2, vocab_size=tokenizer.vocab_size).save_pretrained(tuned)
+    tokenizer.save_pretrained(tuned)
+
+    def prune(source, out, *extra):
+        r = run_cli(["prune", source, "--task", "sst2", "--data", ws.data, "--flops", "0.5", "--strategy", "random",
+                     "--samples", "32", "--out", out, "--no-plot", "-q", *extra], capsys)
+        assert r.code == 0, r.text
+        return json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+    fine_tuned = prune(tuned, tmp_path / "a")
+    assert fine_tuned["source_fine_tuned"] and fine_tuned["compensation"]["method"] == "lstsq-seq"
+    assert fine_tuned["compensation"]["requested"] == "auto" and fine_tuned["compensation"]["accepted"] > 0
+    assert not any("compensated" in w for w in fine_tuned["warnings"])
+    pre_trained = prune(ws.bert, tmp_path / "b")
+    assert not pre_trained["source_fine_tuned"]
+    assert pre_trained["compensation"] == {"method": "none", "requested": "auto"}
+    explicit = prune(tuned, tmp_path / "c", "--compensate", "none")
+    assert explicit["compensation"]["method"] == "none"
+    assert any("nothing was compensated" in w for w in explicit["warnings"])

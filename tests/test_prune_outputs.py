@@ -54,6 +54,8 @@ def test_a_fine_tuned_classifier_keeps_its_head_and_predictions(tmp_path):
         assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-5)
     assert smaller.report["flops_ratio"] <= 0.6 + 1e-9
     assert type(ppkit.load_pruned(tmp_path / "pruned")).__name__ == "PpkitBertForSequenceClassification"
-    assert any("--compensate lstsq" in w for w in smaller.report["warnings"])  # no training follows: say how to keep quality
-    compensated = prune(source, flops=0.6, compensate="lstsq", **kw)
-    assert not any("--compensate" in w for w in compensated.report["warnings"])
+    # no training follows: the default reconstructs the kept weights, and an explicit "none" says how to keep quality
+    assert smaller.report["compensation"]["method"] == "lstsq-seq"
+    assert not any("--compensate" in w for w in smaller.report["warnings"])
+    uncompensated = prune(source, flops=0.6, compensate="none", **kw)
+    assert any("--compensate auto or lstsq-seq" in w for w in uncompensated.report["warnings"])

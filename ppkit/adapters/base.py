@@ -57,6 +57,8 @@ class ArchitectureAdapter(ABC):
     family: str = ""
     #: human-readable list of supported classes, for error messages
     supported_classes: tuple[str, ...] = ()
+    #: whether the output projections have the biases ``--compensate`` refits
+    can_compensate: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         from ..errors import UnsupportedModelError

@@ -30,6 +30,7 @@ class LlamaAdapter(ArchitectureAdapter):
 
     family = "llama"
     supported_classes = tuple(FAMILY_CLASSES["llama"].values())
+    can_compensate = False
 
     def _layer_stack(self, base: nn.Module) -> nn.ModuleList:
         return base.layers

@@ -197,7 +197,7 @@ def test_optimized_export_writes_each_layers_heads(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_family_fine_tunes_and_exports(tiny_sources, tmp_path, capsys, family):
+def test_pruned_family_fine_tunes_exports_and_benches(tiny_sources, tmp_path, capsys, family):
     source, task = tiny_sources[family]
     pruned, tuned = tmp_path / "pruned", tmp_path / "tuned"
     steps = [
@@ -205,10 +205,18 @@ def test_pruned_family_fine_tunes_and_exports(tiny_sources, tmp_path, capsys, fa
          "--quiet", "--no-plot"],
         ["finetune", pruned, *task, "--epochs", "1", "--train-limit", "32", "--eval-limit", "16", "--out", tuned],
         ["export", tuned, "--onnx"],
+        ["bench", tuned, "--baseline", source, *task[:4], "--seq-len", "16", "--batch-sizes", "2", "--repeats", "2",
+         "--warmup", "1", "--eval-limit", "16", "--backend", "both", "--json-out", tmp_path / "bench.json"],
     ]
     for args in steps:
         result = run_cli(args, capsys)
         assert result.code == 0, result.text
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    metric = "perplexity" if family in DECODERS else "accuracy"
+    assert [m["family"] for m in bench["models"]] == [family, family]
+    for m in bench["models"]:  # both backends timed, quality scored, the ONNX parity checked
+        assert {row["backend"] for row in m["latency"]} == {"ort", "torch"} and metric in m["quality"]
+        assert m["export"]["max_abs_diff"] <= ORT_TOL
     model = load_pruned(tuned)
     head = "causal-lm" if family in DECODERS else "sequence-classification"
     assert type(model).__name__ == "Ppkit" + FAMILY_CLASSES[family][head]

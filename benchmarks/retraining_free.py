@@ -6,7 +6,8 @@ prunes one source with ``ppkit.pipeline.prune`` (2000 calibration samples of the
 Kwon et al.; labels unused) and scores the pruned model on the full dev set. Per task, the CPU time
 of one forward pass of the dense model over the same calibration batches is the cost yardstick.
 
-Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 (run in this order) x fisher, Dual-CP, KCM,
+Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 (run in this order) x fisher (search alone),
+fisher-r (with mask rearrangement; no / sequential / mask-tuning reconstruction only), Dual-CP, KCM,
 random (seeds 0-2; seeds 1-2 last) x reconstruction none / lstsq (one shot) / lstsq-seq (sequential), and
 fisher with Kwon et al.'s own mask tuning (``--compensate mask-tuning``: per-unit scales, sequential).
 One JSON per cell in ``benchmarks/results/retraining_free/``; resumable, two runners share the grid.
@@ -38,7 +39,10 @@ PLOT = HERE / "plots" / "retraining_free.png"
 START, END = "<!-- retraining-free:start -->", "<!-- retraining-free:end -->"
 TASKS = ("stsb", "mrpc", "sst2")
 BUDGETS = (0.6, 0.4, 0.8, 0.5, 0.7)
-STRATEGIES = ("fisher", "dual-cp", "kcm", "random")
+STRATEGIES = ("fisher", "fisher-r", "dual-cp", "kcm", "random")
+#: grid name -> (ppkit strategy, its options): "fisher" is the mask search alone (how the first cells ran),
+#: "fisher-r" adds Kwon et al.'s mask rearrangement (the strategy's default)
+STRATEGY_RUNS = {"fisher": ("fisher", {"rearrange_steps": 0}), "fisher-r": ("fisher", None)}
 COMPENSATIONS = ("none", "lstsq", "lstsq-seq", "mask-tuning")
 SAMPLES = 2000
 NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
@@ -53,6 +57,8 @@ def grid() -> list[tuple[str, str, float, int, str]]:
 
 def compensations(strategy: str) -> tuple[str, ...]:
     """Reconstructions run after ``strategy``: mask tuning is the fisher method's own step (Kwon et al.)."""
+    if strategy == "fisher-r":
+        return ("none", "lstsq-seq", "mask-tuning")
     return COMPENSATIONS if strategy == "fisher" else COMPENSATIONS[:3]
 
 
@@ -120,7 +126,8 @@ def run(cell: tuple) -> dict:
     out["dense"] = _DENSE[task]
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        res = prune(str(src), task=task, flops=budget, strategy=strategy, data=GLUE / TASK_DIRS[task],
+        name, options = STRATEGY_RUNS.get(strategy, (strategy, None))
+        res = prune(str(src), task=task, flops=budget, strategy=name, options=options, data=GLUE / TASK_DIRS[task],
                     samples=SAMPLES, seed=seed, compensate=comp, plot=False, progress=False,
                     max_length=max_length(task, AutoConfig.from_pretrained(src)))
     except BudgetError as exc:  # KCM prunes FFN neurons only and cannot reach low budgets
@@ -130,6 +137,7 @@ def run(cell: tuple) -> dict:
     out["prune_cpu_seconds"] = time.process_time() - cpu0
     out["timings_s"] = {k: round(v, 2) for k, v in r["timings_s"].items()}
     out["flops_ratio"] = r["flops_ratio"]
+    out["plan_meta"] = {k: v for k, v in r["plan_meta"].items() if isinstance(v, (int, float, str))}
     out["compensation_report"] = {k: v for k, v in r.get("compensation", {}).items() if k != "layers"}
     out["dev"] = dev_score(res.model, res.tokenizer, task)
     return out
@@ -203,8 +211,8 @@ def render(rows: list[dict]) -> str:
            f"(recipe cpu-v2); pruned with {SAMPLES} calibration samples of the train split, then scored on the full dev set "
            "(x100; Spearman for STS-B). Reconstruction: none / `--compensate lstsq` (one shot) / `lstsq-seq` "
            "(sequential) for every strategy, and for fisher also `mask-tuning` (Kwon et al.'s per-unit scales, fit "
-           "sublayer by sublayer). random: mean over the pruning seeds done. `fisher` has no mask rearrangement "
-           "(see plugins/fisher.py).", ""]
+           "sublayer by sublayer). random: mean over the pruning seeds done. `fisher` is the mask search alone; "
+           "`fisher-r` adds the mask rearrangement (the strategy's default; plugins/fisher.py).", ""]
     panels = []
     for task in [t for t in TASKS if any(k[0] == t for k in cells)]:
         dense = next(_main(r, "dense") for r in rows if r["task"] == task)

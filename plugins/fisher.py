@@ -8,18 +8,25 @@ QA model, or GPT-2's LM head).
 2. **Mask search under the FLOPs budget.** Heads and neurons are ranked by importance over the whole
    model; for every number h of kept heads, the most important heads are kept and the remaining budget
    is filled with the most important neurons; the (h, n) that keeps the most total importance wins.
+3. **Mask rearrangement.** The diagonal Fisher ignores that two units can do the same work. With the
+   per-layer (block-diagonal) Fisher F, removing the units z costs about z^T F z; keeping each layer's
+   counts from the search, pairs of one kept and one pruned unit are swapped while a swap lowers that
+   cost (the best swap first, up to ``rearrange_steps`` per layer and unit type).
 
 Differences from the paper, on purpose: the calibration data here is unlabeled, so the loss of each
 example is taken at a label *sampled from the model's own prediction* (the true Fisher, rather than the
 empirical Fisher at the gold label; for regression, the prediction plus unit Gaussian noise); the
-paper's mask rearrangement is not implemented. The paper's mask tuning (per-unit rescaling by least
-squares, layer by layer) is ``--compensate mask-tuning`` (:mod:`ppkit.sequential`), open to every
-strategy, beside ppkit's own row refit ``--compensate lstsq-seq``. Per-example gradients, like the paper's, come
+paper's mask rearrangement is a greedy best-swap local search (the paper's own solver of that 0/1
+problem is not reproduced exactly). The paper's mask tuning (per-unit rescaling by least squares,
+layer by layer) is ``--compensate mask-tuning`` (:mod:`ppkit.sequential`), open to every strategy,
+beside ppkit's own row refit ``--compensate lstsq-seq``. Per-example gradients, like the paper's, come
 from one batched forward and backward pass per calibration batch, each example with its own copy of
 the masks (the ``examples`` option caps the examples used).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,9 +40,10 @@ from ppkit.strategy import PruningContext, Strategy
 
 
 def fisher_scores(model: nn.Module, adapter, batches, *, max_examples: int | None = None,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = 0, blocks: bool = False) -> tuple[np.ndarray, ...]:
     """Diagonal Fisher of the head masks [layers, heads] and neuron masks [layers, ffn_dim] over the
-    examples of ``batches``: sum over examples of (dL_i / dm)^2.
+    examples of ``batches``: sum over examples of (dL_i / dm)^2. With ``blocks``, also the per-layer
+    Fisher matrices [layers, heads, heads] and [layers, ffn_dim, ffn_dim] (sum of g_i g_i^T).
 
     Per-example gradients in one batched backward pass: every example gets its own copy of the masks
     (``[batch, layers, units]``), so the gradient of the summed loss with respect to a copy is that
@@ -44,6 +52,8 @@ def fisher_scores(model: nn.Module, adapter, batches, *, max_examples: int | Non
     shape = adapter.shape()
     head_fisher = torch.zeros(shape.num_layers, shape.num_heads, dtype=torch.float64)
     neuron_fisher = torch.zeros(shape.num_layers, shape.ffn_dim, dtype=torch.float64)
+    head_blocks = torch.zeros(shape.num_layers, shape.num_heads, shape.num_heads, dtype=torch.float64) if blocks else None
+    neuron_blocks = torch.zeros(shape.num_layers, shape.ffn_dim, shape.ffn_dim, dtype=torch.float64) if blocks else None
     current: dict[str, torch.Tensor] = {}
 
     def hook(kind: str, layer: int):
@@ -74,6 +84,9 @@ def fisher_scores(model: nn.Module, adapter, batches, *, max_examples: int | Non
             heads, neurons = torch.autograd.grad(loss, (current["heads"], current["neurons"]))
             head_fisher += heads.double().pow(2).sum(0)
             neuron_fisher += neurons.double().pow(2).sum(0)
+            if blocks:
+                head_blocks += torch.einsum("bli,blj->lij", heads.double(), heads.double())
+                neuron_blocks += torch.einsum("bli,blj->lij", neurons.double(), neurons.double())
             seen += take
     finally:
         for handle in handles:
@@ -81,7 +94,56 @@ def fisher_scores(model: nn.Module, adapter, batches, *, max_examples: int | Non
         current.clear()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
+    if blocks:
+        return head_fisher.numpy(), neuron_fisher.numpy(), head_blocks.numpy(), neuron_blocks.numpy()
     return head_fisher.numpy(), neuron_fisher.numpy()
+
+
+def removal_cost(fisher: np.ndarray, pruned: np.ndarray) -> float:
+    """z^T F z for the 0/1 vector z of ``pruned`` units: the (second-order) loss increase of removing them."""
+    z = pruned.astype(np.float64)
+    return float(z @ fisher @ z)
+
+
+def rearrange_layer(fisher: np.ndarray, kept: Sequence[int], max_steps: int = 200) -> list[int]:
+    """Kept units (as many as ``kept``) that lower :func:`removal_cost` by best-first swaps of one kept and
+    one pruned unit, starting from ``kept``; returns them sorted."""
+    n = fisher.shape[0]
+    z = np.ones(n, dtype=bool)
+    z[list(kept)] = False
+    if z.all() or not z.any():
+        return sorted(int(i) for i in kept)
+    diag = np.diag(fisher)
+    for _ in range(max_steps):
+        fz = fisher @ z.astype(np.float64)
+        pruned, keep = np.flatnonzero(z), np.flatnonzero(~z)
+        # cost change of restoring p and pruning q: 2 (Fz)_q - 2 (Fz)_p + F_pp + F_qq - 2 F_pq
+        delta = (2 * fz[keep][None, :] - 2 * fz[pruned][:, None] + diag[pruned][:, None] + diag[keep][None, :]
+                 - 2 * fisher[np.ix_(pruned, keep)])
+        p, q = np.unravel_index(np.argmin(delta), delta.shape)
+        if delta[p, q] >= -1e-12 * max(abs(float(fz @ z)), 1e-30):
+            break
+        z[pruned[p]], z[keep[q]] = False, True
+    return sorted(int(i) for i in np.flatnonzero(~z))
+
+
+def rearrange(plan: PruningPlan, head_blocks: np.ndarray, neuron_blocks: np.ndarray, max_steps: int = 200) -> PruningPlan:
+    """``plan`` with each layer's heads and neurons re-chosen by :func:`rearrange_layer` (same counts)."""
+    layers = [LayerPlan(tuple(rearrange_layer(head_blocks[l], keep.heads, max_steps)),
+                        tuple(rearrange_layer(neuron_blocks[l], keep.neurons, max_steps)))
+              for l, keep in enumerate(plan.layers)]
+    before = sum(removal_cost(head_blocks[l], _pruned(k.heads, plan.num_heads)) +
+                 removal_cost(neuron_blocks[l], _pruned(k.neurons, plan.ffn_dim)) for l, k in enumerate(plan.layers))
+    after = sum(removal_cost(head_blocks[l], _pruned(k.heads, plan.num_heads)) +
+                removal_cost(neuron_blocks[l], _pruned(k.neurons, plan.ffn_dim)) for l, k in enumerate(layers))
+    return PruningPlan(layers, plan.num_heads, plan.ffn_dim, {**plan.meta, "removal_cost_before_rearrange": before,
+                                                              "removal_cost_after_rearrange": after})
+
+
+def _pruned(kept: Sequence[int], size: int) -> np.ndarray:
+    z = np.ones(size, dtype=bool)
+    z[list(kept)] = False
+    return z
 
 
 def _generator(seed: int, index: int) -> torch.Generator:
@@ -150,13 +212,20 @@ def search_masks(head_scores: np.ndarray, neuron_scores: np.ndarray, shape, seq_
 
 
 def prune(ctx: PruningContext) -> PruningPlan:
-    """Fisher importance on the calibration examples, then the FLOPs-constrained mask search."""
+    """Fisher importance on the calibration examples, the FLOPs-constrained mask search, then the
+    per-layer mask rearrangement (``rearrange_steps=0`` turns it off)."""
     examples = ctx.option("examples", None, cast=lambda v: None if v is None else int(v))
+    steps = ctx.option("rearrange_steps", 200, cast=int)
+    if steps < 0:
+        raise InputError(f"fisher: rearrange_steps must be >= 0, got {steps}")
     if ctx.model is None or ctx.batches is None:
         raise InputError("fisher needs the model and the calibration batches")
-    head_scores, neuron_scores = fisher_scores(ctx.model, ctx.adapter, ctx.batches, max_examples=examples, seed=ctx.seed)
-    plan = search_masks(head_scores, neuron_scores, ctx.shape, ctx.seq_len, ctx.flops_budget)
-    plan.meta.update({"seed": ctx.seed, "examples": examples, "labels": "sampled from the model's predictions"})
+    scores = fisher_scores(ctx.model, ctx.adapter, ctx.batches, max_examples=examples, seed=ctx.seed, blocks=steps > 0)
+    plan = search_masks(scores[0], scores[1], ctx.shape, ctx.seq_len, ctx.flops_budget)
+    if steps > 0:
+        plan = rearrange(plan, scores[2], scores[3], steps)
+    plan.meta.update({"seed": ctx.seed, "examples": examples, "labels": "sampled from the model's predictions",
+                      "rearrange_steps": steps})
     return plan
 
 
@@ -166,7 +235,8 @@ STRATEGY = Strategy(
                 "FLOPs-constrained mask search; needs a task head",
     prune=prune,
     needs=frozenset({"batches"}),
-    options={"examples": "cap on the calibration examples used (default: all)"},
+    options={"examples": "cap on the calibration examples used (default: all)",
+             "rearrange_steps": "swaps per layer and unit type in the mask rearrangement (default 200; 0: off)"},
 )
 
 

@@ -12,7 +12,7 @@ import ppkit
 from ppkit.adapters import get_adapter
 from ppkit.errors import InputError
 from ppkit.flops import count_flops
-from ppkit.plugins.fisher import fisher_scores, search_masks
+from ppkit.plugins.fisher import fisher_scores, rearrange_layer, removal_cost, search_masks
 
 
 def _shape():
@@ -69,13 +69,17 @@ def test_batched_per_example_fisher_equals_one_example_at_a_time(cls, num_labels
     ids = torch.randint(1, 100, (4, 10), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 6:], mask[3, 4:] = 0, 0  # right padding, as calibration batches have
-    together = fisher_scores(model, get_adapter(model), [{"input_ids": ids, "attention_mask": mask}], seed=5)
+    together = fisher_scores(model, get_adapter(model), [{"input_ids": ids, "attention_mask": mask}], seed=5, blocks=True)
     alone = [{"input_ids": ids[i:i + 1, :int(mask[i].sum())], "attention_mask": mask[i:i + 1, :int(mask[i].sum())]}
              for i in range(4)]
-    one_by_one = fisher_scores(model, get_adapter(model), alone, seed=5)
-    for a, b in zip(together, one_by_one):
+    one_by_one = fisher_scores(model, get_adapter(model), alone, seed=5, blocks=True)
+    for a, b in zip(together, one_by_one):  # diagonal scores and the per-layer Fisher matrices
         assert (b > 0).any()
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9 * b.max())
+        # off-diagonal Fisher entries are sums that cancel: judge them against the largest entry
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=(1e-9 if a.ndim == 2 else 1e-6) * np.abs(b).max())
+    heads, neurons, head_blocks, neuron_blocks = together
+    np.testing.assert_allclose(np.diagonal(head_blocks, axis1=1, axis2=2), heads, rtol=1e-12)
+    np.testing.assert_allclose(np.diagonal(neuron_blocks, axis1=1, axis2=2), neurons, rtol=1e-12)
 
 
 def test_fisher_prunes_a_fine_tuned_classifier_and_refuses_a_headless_model():
@@ -89,3 +93,35 @@ def test_fisher_prunes_a_fine_tuned_classifier_and_refuses_a_headless_model():
     assert result.report["flops_ratio"] <= 0.6 + 1e-9 and result.plan.meta["strategy"] == "fisher"
     with pytest.raises(InputError, match="needs a model with a task head"):
         ppkit.prune(make_tiny_bert("BertModel", vocab_size=tok.vocab_size), **kw)
+
+
+def test_rearrangement_prunes_one_of_two_redundant_units_instead_of_both():
+    """Units 0 and 1 have the same per-example gradients (they do the same work), unit 2 its own, slightly
+    larger. Keeping one unit, the diagonal Fisher keeps unit 2 and drops both twins: removal cost
+    (1+1)^2 = 4. With the block Fisher, keeping a twin and dropping unit 2 costs 1 + 1.5 = 2.5."""
+    grads = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.5 ** 0.5]])  # two examples' gradients
+    fisher = grads.T @ grads
+    assert np.allclose(np.diag(fisher), [1.0, 1.0, 1.5])
+    kept = rearrange_layer(fisher, [2])
+    assert kept in ([0], [1])
+    pruned = np.ones(3, dtype=bool)
+    pruned[kept] = False
+    assert removal_cost(fisher, pruned) == pytest.approx(2.5)
+    assert rearrange_layer(fisher, [2], max_steps=0) == [2]  # no steps: the search's choice
+
+
+def test_rearranged_plan_keeps_the_counts_and_lowers_the_removal_cost():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SHARED / "models" / "all-MiniLM-L6-v2")
+    model = make_tiny_bert("BertForSequenceClassification", vocab_size=tok.vocab_size)
+    kw = dict(tokenizer=tok, task="sst2", data=SHARED / "glue" / "SST-2", flops=0.5, samples=32, strategy="fisher",
+              plot=False, progress=False, compensate="none")
+    searched = ppkit.prune(model, **kw, options={"rearrange_steps": 0}).plan
+    rearranged = ppkit.prune(make_tiny_bert("BertForSequenceClassification", vocab_size=tok.vocab_size), **kw).plan
+    assert rearranged.heads_per_layer == searched.heads_per_layer
+    assert rearranged.neurons_per_layer == searched.neurons_per_layer
+    meta = rearranged.meta
+    assert meta["rearrange_steps"] == 200 and "removal_cost_before_rearrange" not in searched.meta
+    assert meta["removal_cost_after_rearrange"] < meta["removal_cost_before_rearrange"]
+    assert rearranged.layers != searched.layers

@@ -74,6 +74,24 @@ def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def _strategy_options(strategy: str, pairs: list[str]) -> dict[str, str]:
+    """``--option KEY=VALUE`` pairs, checked against the options ``strategy`` declares."""
+    from ppkit import registry
+    from ppkit.errors import InputError
+
+    declared = registry.get_strategy(strategy).options
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--option expects KEY=VALUE, got {pair!r}")
+        if key.strip() not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise InputError(f"strategy {strategy!r} has no option {key.strip()!r}; its options: {known}")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def _default_out(model: str, task: str, strategy: str, flops: float) -> Path:
     name = Path(model.rstrip("/")).name or "model"
     return Path(f"{name}-{task}-{strategy}-{flops:g}")
@@ -103,6 +121,7 @@ def prune(
     compensate_tokens: str = typer.Option("2048", "--compensate-tokens", help="Calibration tokens the compensation is fitted and judged on, or 'all' (more: closer fit, slower; see benchmarks/README.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration batch size."),
     multiple_of: int = typer.Option(1, "--multiple-of", help="Keep every layer's FFN width a multiple of N (e.g. 8 or 64 for fast matmuls), inside the budget; 1: off."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="A strategy option as KEY=VALUE (repeatable), e.g. --option rearrange_steps=0 for fisher; `ppkit strategies` lists each strategy's options."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write plan.png (kept heads grid, kept neurons per layer)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickled .bin weights (pickle can run code: only for files you trust)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (the table goes to stderr)."),
@@ -122,7 +141,7 @@ def prune(
     budget = check_budget(flops)
     out_dir = out or _default_out(model, task, strategy, budget)
     options = {"linkage": linkage.value, "selection": selection.value, "threshold": threshold.value,
-               "step": step, "rebalance": rebalance}
+               "step": step, "rebalance": rebalance, **_strategy_options(strategy, option or [])}
     result = run_prune(
         model, task=task, flops=budget, strategy=strategy, data=data, samples=samples,
         max_length=max_length, tokens=tokens, lambda_=lambda_, seed=seed, flops_seq_len=flops_seq_len,
@@ -146,15 +165,17 @@ def strategies(as_json: bool = typer.Option(False, "--json", help="Print as JSON
     infos = list_strategies()
     if as_json:
         _emit_json([
-            {"name": s.name, "description": s.description, "needs": sorted(s.needs), "package": s.package, "version": s.version}
+            {"name": s.name, "description": s.description, "needs": sorted(s.needs), "package": s.package, "version": s.version,
+             "options": s.options}
             for s in infos
         ])
         return
-    table = Table(title="ppkit strategies")
-    for col in ("name", "description", "needs", "package"):
+    table = Table(title="ppkit strategies (options: --option KEY=VALUE)")
+    for col in ("name", "description", "options", "needs", "package"):
         table.add_column(col)
     for s in infos:
-        table.add_row(s.name, s.description, ", ".join(sorted(s.needs)) or "-", f"{s.package} {s.version}")
+        table.add_row(s.name, s.description, ", ".join(sorted(s.options)) or "-", ", ".join(sorted(s.needs)) or "-",
+                      f"{s.package} {s.version}")
     stdout.print(table)
 
 

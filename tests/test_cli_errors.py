@@ -154,6 +154,26 @@ def test_unknown_strategy_lists_available(ws, tmp_path, capsys):
     assert_user_error(r, "unknown strategy 'magic'; available strategies: dual-cp, fisher, kcm, random, worst", out)
 
 
+@pytest.mark.parametrize("pair, fragment", [
+    ("oops", "--option expects KEY=VALUE, got 'oops'"),
+    ("=1", "--option expects KEY=VALUE, got '=1'"),
+    ("rebalnce=false", "strategy 'random' has no option 'rebalnce'; its options: rebalance"),
+])
+def test_bad_strategy_option(ws, tmp_path, capsys, pair, fragment):
+    out = tmp_path / "out"
+    r = run_cli(prune_args(ws, out) + ["--option", pair], capsys)
+    assert_user_error(r, fragment, out)
+
+
+def test_strategy_option_reaches_the_strategy_and_is_listed(ws, tmp_path, capsys):
+    out = tmp_path / "out"
+    r = run_cli(prune_args(ws, out) + ["--option", "rebalance=false", "--json"], capsys)
+    assert r.code == 0, r.text
+    assert json.loads(r.out)["options"]["rebalance"] == "false"
+    listed = {s["name"]: s["options"] for s in json.loads(run_cli(["strategies", "--json"], capsys).out)}
+    assert "rearrange_steps" in listed["fisher"] and "rebalance" in listed["random"]
+
+
 # ---------------------------------------------------------------------------------------------- budget
 
 

@@ -196,16 +196,21 @@ class EmptySelfAttention(nn.Module):
 _EMPTY_ATTENTION_CLASSES: dict[type, type] = {}
 
 
-def empty_self_attention(attention_cls: type) -> type:
-    """The zero-head variant of a BERT-shaped self-attention class (``Empty<Name>``, made once)."""
-    if issubclass(attention_cls, EmptySelfAttention):
+def _empty_variant(mixin: type, attention_cls: type) -> type:
+    """``Empty<Name>``: ``mixin`` (a zero-head forward) over a family's own attention class, made once."""
+    if issubclass(attention_cls, mixin):
         return attention_cls
     cls = _EMPTY_ATTENTION_CLASSES.get(attention_cls)
     if cls is None:
         name = "Empty" + attention_cls.__name__
-        cls = type(name, (EmptySelfAttention, attention_cls), {"__module__": __name__, "__qualname__": name})
+        cls = type(name, (mixin, attention_cls), {"__module__": __name__, "__qualname__": name})
         _EMPTY_ATTENTION_CLASSES[attention_cls] = cls
     return cls
+
+
+def empty_self_attention(attention_cls: type) -> type:
+    """The zero-head variant of a BERT-shaped self-attention class."""
+    return _empty_variant(EmptySelfAttention, attention_cls)
 
 
 EmptyBertSelfAttention = empty_self_attention(BertSelfAttention)
@@ -240,15 +245,8 @@ class EmptyGroupedAttention(nn.Module):
 
 
 def empty_grouped_attention(attention_cls: type) -> type:
-    """The zero-group variant of a Llama-style attention class (``Empty<Name>``, made once)."""
-    if issubclass(attention_cls, EmptyGroupedAttention):
-        return attention_cls
-    cls = _EMPTY_ATTENTION_CLASSES.get(attention_cls)
-    if cls is None:
-        name = "Empty" + attention_cls.__name__
-        cls = type(name, (EmptyGroupedAttention, attention_cls), {"__module__": __name__, "__qualname__": name})
-        _EMPTY_ATTENTION_CLASSES[attention_cls] = cls
-    return cls
+    """The zero-group variant of a Llama-style attention class."""
+    return _empty_variant(EmptyGroupedAttention, attention_cls)
 
 
 # transformers 5 calls it DistilBertSelfAttention; 4.57's is MultiHeadSelfAttention, called with query/key/value

@@ -225,10 +225,21 @@ def causal_additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, queri
     return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def _attention_fixed_at_build(model: nn.Module) -> bool:
+    from transformers.models.distilbert import modeling_distilbert
+
+    classes = getattr(modeling_distilbert, "DISTILBERT_ATTENTION_CLASSES", None)  # transformers 4.x only
+    return classes is not None and any(isinstance(m, tuple(classes.values())) for m in model.modules())
+
+
 @contextlib.contextmanager
 def attention_implementation(model: nn.Module, implementation: str | None) -> Iterator[None]:
-    """Temporarily switch every config in ``model`` to ``implementation`` ("eager", "sdpa"); None: keep."""
-    if implementation is None:
+    """Temporarily switch every config in ``model`` to ``implementation`` ("eager", "sdpa"); None: keep.
+
+    Models whose attention modules were fixed when they were built (transformers 4.x DistilBERT picks its
+    attention class from the config then, and its forward prepares the mask for that class) are left as
+    they are: switching only the config would hand their modules the wrong mask."""
+    if implementation is None or _attention_fixed_at_build(model):
         yield
         return
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}

@@ -194,8 +194,7 @@ def prune(
         if compensate == "auto":
             compensate = "lstsq-seq" if head in FINE_TUNED_HEADS and adapter.can_compensate else "none"
         elif compensate != "none" and not adapter.can_compensate:
-            raise InputError(f"--compensate {compensate}: {adapter.family} projections have no output bias, which "
-                             "reconstruction refits; prune this family without --compensate")
+            raise InputError(f"--compensate {compensate}: {adapter.compensation_refusal()}")
 
     with timer.stage("calibration_data"):
         calib = calibration_batches(

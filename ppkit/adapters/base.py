@@ -60,6 +60,10 @@ class ArchitectureAdapter(ABC):
     #: whether the output projections have the biases ``--compensate`` refits
     can_compensate: bool = True
 
+    def compensation_refusal(self) -> str:
+        """Why ``--compensate`` is not offered (families with ``can_compensate = False`` say why)."""
+        return f"{self.family} models cannot be compensated"
+
     def __init__(self, model: nn.Module) -> None:
         from ..errors import UnsupportedModelError
 

@@ -69,9 +69,13 @@ class LlamaAdapter(ArchitectureAdapter):
     def ffn_activation_module(self, layer: int) -> nn.Module:
         return self.layers[layer].mlp.down_proj
 
+    def compensation_refusal(self) -> str:
+        """Why ``--compensate`` is not offered for this family (one line)."""
+        return (f"{self.family} projections have no output bias, which reconstruction refits; "
+                "prune this family without --compensate")
+
     def _no_bias(self) -> InputError:
-        return InputError(f"{self.family} projections have no output bias, which output reconstruction refits; "
-                          "prune this family without --compensate")
+        return InputError(self.compensation_refusal())
 
     def attention_output_weight(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         proj = self.layers[layer].self_attn.o_proj

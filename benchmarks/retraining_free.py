@@ -6,10 +6,11 @@ prunes one source with ``ppkit.pipeline.prune`` (2000 calibration samples of the
 Kwon et al.; labels unused) and scores the pruned model on the full dev set. Per task, the CPU time
 of one forward pass of the dense model over the same calibration batches is the cost yardstick.
 
-Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 (run in this order) x fisher (search alone),
+Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 x fisher (search alone),
 fisher-r (with mask rearrangement; no / sequential / mask-tuning reconstruction only), Dual-CP, KCM,
 random (seeds 0-2; seeds 1-2 last) x reconstruction none / lstsq (one shot) / lstsq-seq (sequential), and
 fisher with Kwon et al.'s own mask tuning (``--compensate mask-tuning``: per-unit scales, sequential).
+Run order: ``CORE`` (fisher and Dual-CP on STS-B and SST-2) at every budget, then the rest by budget.
 One JSON per cell in ``benchmarks/results/retraining_free/``; resumable, two runners share the grid.
 
     python benchmarks/retraining_free.py --stop-at 10:00     # run (resumable)
@@ -48,11 +49,16 @@ SAMPLES = 2000
 NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
 
 
+#: run first, at every budget: fisher and Dual-CP with their main reconstructions on STS-B and SST-2
+CORE = {"fisher": ("none", "lstsq-seq", "mask-tuning"), "dual-cp": ("lstsq", "lstsq-seq")}
+
+
 def grid() -> list[tuple[str, str, float, int, str]]:
     """(task, strategy, budget, seed, compensation), the most informative first."""
     first = [(t, s, b, 0, c) for b in BUDGETS for t in TASKS for s in STRATEGIES for c in compensations(s)]
+    core = [c for c in first if c[0] in ("stsb", "sst2") and c[4] in CORE.get(c[1], ())]
     more_seeds = [(t, "random", b, seed, c) for seed in (1, 2) for b in BUDGETS for t in TASKS for c in compensations("random")]
-    return first + more_seeds
+    return core + [c for c in first if c not in core] + more_seeds
 
 
 def compensations(strategy: str) -> tuple[str, ...]:

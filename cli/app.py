@@ -272,6 +272,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing ONNX file (atomically, after the check passes)."),
     optimize: bool = typer.Option(False, "--optimize", help="onnxruntime's transformer fusions with each layer's own head count, checked against the unfused graph (generic optimizers given the config's head count break pruned models)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic quantization of the checked fp32 graph (default file model-int8.onnx), checked by output cosine against fp32."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp16: half-precision weights and compute for GPUs (onnxruntime CUDA), fp32 inputs/outputs (default file model-fp16.onnx), checked by output cosine against fp32. On CPU it runs, but slower than fp32."),
     with_past: bool = typer.Option(False, "--with-past", help="GPT-2 LM for generation: KV-cache inputs/outputs per layer (uneven heads kept), default file model-with-past.onnx."),
 ) -> None:
     """Export a model to ONNX with dynamic batch/sequence axes, then check it against torch in onnxruntime.
@@ -281,6 +282,8 @@ def export(
       ppkit export minilm-sst2-60 --onnx
 
       ppkit export minilm-sst2-60 --onnx --quantize int8     # writes minilm-sst2-60/model-int8.onnx
+
+      ppkit export minilm-sst2-60 --onnx --dtype fp16        # for onnxruntime-gpu: model-fp16.onnx
 
       ppkit export gpt2-ptb-50 --with-past                    # writes gpt2-ptb-50/model-with-past.onnx
     """
@@ -297,8 +300,8 @@ def export(
     if not low <= opset <= high:
         raise InputError(f"--opset must be between {low} and {high} (the opsets torch's ONNX exporter supports), got {opset}")
     if with_past:
-        if quantize or optimize or head not in (None, "causal-lm"):
-            raise InputError("--with-past exports a causal LM as it is: leave out --quantize, --optimize and --head")
+        if quantize or optimize or dtype != "fp32" or head not in (None, "causal-lm"):
+            raise InputError("--with-past exports a causal LM as it is: leave out --quantize, --dtype, --optimize and --head")
         from ppkit.export_past import export_with_past
 
         past = export_with_past(model, out, opset=opset, check=check, atol=atol, overwrite=overwrite)
@@ -309,7 +312,7 @@ def export(
             _emit_json({k: str(v) if isinstance(v, Path) else v for k, v in vars(past).items()})
         return
     report = export_onnx(model, out, opset=opset, head=head, atol=atol, check=check, overwrite=overwrite,
-                         quantize=quantize, optimize=optimize)
+                         quantize=quantize, optimize=optimize, dtype=dtype)
     diff = "not checked" if report.max_abs_diff is None else f"{report.max_abs_diff:.2e}"
     stderr.print(f"[green]exported[/] {report.path} · opset {report.opset} · head {report.head} · "
                  f"max |ORT - torch| {diff} on shapes {report.checked_shapes} · {report.seconds:.1f}s")
@@ -319,8 +322,8 @@ def export(
                      f"max |fused - unfused| {o['max_abs_diff_vs_unfused']:.2e}")
     if report.quantization:
         q = report.quantization
-        stderr.print(f"int8 vs fp32: min cosine {q['min_cosine']:.5f} (mean {q['mean_cosine']:.5f}), max |diff| "
-                     f"{q['max_abs_diff']:.3g} · {q['int8_bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f} MB)")
+        stderr.print(f"{q['precision']} vs fp32: min cosine {q['min_cosine']:.5f} (mean {q['mean_cosine']:.5f}), max |diff| "
+                     f"{q['max_abs_diff']:.3g} · {q['bytes'] / 1e6:.1f} MB (fp32 {q['fp32_bytes'] / 1e6:.1f} MB)")
     if as_json:
         _emit_json(report.to_dict())
 
@@ -354,6 +357,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime / torch intra-op threads (default: all available cores)."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the JSON report to this file."),
     int8: bool = typer.Option(False, "--int8", help="Also time (and score) each model's onnxruntime int8 variant in the same rounds; a quality-vs-latency plot goes beside --plot."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also time (and score) each model's fp16 onnxruntime variant in the same rounds (for --device cuda; on CPU onnxruntime runs fp16 through casts, slower than fp32)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency and quality vs FLOPs ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout (the table goes to stderr)."),
     decode: bool = typer.Option(False, "--decode", help="Causal LMs: greedy-decode throughput (tokens/s) with the KV cache instead of forward latency; --backend both times torch generate and onnxruntime."),
@@ -379,7 +383,8 @@ def bench(
     report = benchmark(
         models, baseline=baseline, task=task, data=data, batch_sizes=_int_list(batch_sizes or "1,8,32", "--batch-sizes"),
         seq_len=seq_len, device=device, backend=backend, repeats=20 if repeats is None else repeats, warmup=warmup,
-        eval_limit=eval_limit, json_out=json_out, plot=plot, progress=True, quality=quality, threads=threads, int8=int8)
+        eval_limit=eval_limit, json_out=json_out, plot=plot, progress=True, quality=quality, threads=threads, int8=int8,
+        fp16=fp16)
     (stderr if as_json else stdout).print(render_table(report))
     if as_json:
         _emit_json(report.to_dict())

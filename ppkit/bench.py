@@ -112,7 +112,7 @@ class ModelResult:
     quality: dict[str, float] | None = None
     export: dict[str, Any] | None = None
     state: str = "in memory"  # pre-trained / fine-tuned / untrained head / in memory (see model_state)
-    precision: str = "fp32"  # or "int8" (onnxruntime dynamic quantization of the same model)
+    precision: str = "fp32"  # or "int8" / "fp16" (the same model's onnxruntime conversion)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -228,7 +228,7 @@ class _Loaded:
     model: nn.Module
     tokenizer: Any = None
     state: str = "in memory"
-    precision: str = "fp32"  # "int8": the same model as onnxruntime's dynamic int8 quantization
+    precision: str = "fp32"  # "int8" / "fp16": the same model converted for onnxruntime (ppkit.quantize)
     session: Any = None  # its onnxruntime session, once exported
 
 
@@ -495,6 +495,7 @@ def measure_latency(
             for i, (entry, res) in enumerate(zip(loaded, results)):
                 rep = export_onnx(entry.model.cpu(), out_dir / f"{i:02d}-{_safe(entry.name)}.onnx",
                                   quantize="int8" if entry.precision == "int8" else None,
+                                  dtype="fp16" if entry.precision == "fp16" else "fp32",
                                   int8_min_cosine=-1.0)  # bench scores the int8 model itself; an untrained
                 # head's near-zero logits would fail the export's output-cosine guard
                 entry.model.to(device)
@@ -553,6 +554,7 @@ def benchmark(
     ort_spinning: bool = False,
     progress: bool = False,
     int8: bool = False,
+    fp16: bool = False,
 ) -> BenchReport:
     """Measure latency (p50/p90/mean over ``repeats`` timed calls after ``warmup``), throughput and
     speedup against ``baseline`` for each model, backend ("ort", "torch" or "both") and batch size at
@@ -567,7 +569,9 @@ def benchmark(
     the available cores; thread spinning off unless ``ort_spinning``, see :func:`ppkit.export.ort_session`).
     ONNX files go to a temporary directory unless ``onnx_dir`` is given. ``int8`` adds, for every model
     and the baseline, its onnxruntime int8 variant (:mod:`ppkit.quantize`), timed in the same rounds;
-    its quality is measured in onnxruntime (sentence classification / regression tasks).
+    its quality is measured in onnxruntime (sentence classification / regression tasks); ``fp16`` does
+    the same with the half-precision variant (meant for ``device="cuda"``: onnxruntime's CPU provider
+    runs it through casts, slower than fp32).
     Writes the report as JSON to ``json_out`` and a PNG to ``plot`` when given.
     """
     started = time.perf_counter()
@@ -588,8 +592,9 @@ def benchmark(
         raise InputError(f"{len(names)} names for {len(models)} models")
     if eval_limit is not None and eval_limit < 1:
         raise InputError(f"eval_limit must be a positive integer, got {eval_limit}")
-    if int8 and backends != ["ort"]:
-        raise InputError("int8 variants run in onnxruntime: use backend 'ort'")
+    precisions = [name for name, wanted in (("int8", int8), ("fp16", fp16)) if wanted]
+    if precisions and backends != ["ort"]:
+        raise InputError(f"{' and '.join(precisions)} variants run in onnxruntime: use backend 'ort'")
     from .saving import check_output_file
 
     for path, flag in ((json_out, "json_out"), (plot, "plot")):
@@ -616,9 +621,10 @@ def benchmark(
     if baseline is not None:
         for entry in loaded[1:]:
             check_compatible(loaded[0].model, entry.model, (loaded[0].name, entry.name))
-    if int8:  # each model's int8 variant right after it: the baseline stays first
-        loaded = [v for e in loaded for v in (e, _Loaded(f"{e.name} · int8", e.source, e.model, e.tokenizer, e.state, "int8"))]
-        roles = [r for role in roles for r in (role, "model")]
+    if precisions:  # each model's variants right after it: the baseline stays first
+        loaded = [v for e in loaded for v in (e, *(_Loaded(f"{e.name} · {p}", e.source, e.model, e.tokenizer, e.state, p)
+                                                   for p in precisions))]
+        roles = [r for role in roles for r in (role, *["model"] * len(precisions))]
     for entry in loaded:
         entry.model.to(device)
         limit = max_sequence_length(entry.model)
@@ -634,6 +640,9 @@ def benchmark(
                              f"level; compare against a fine-tuned dense model (ppkit finetune DENSE --task "
                              f"{task_spec.name} --out DENSE-FT, then --baseline DENSE-FT)")
                 warnings.warn(notes[-1], stacklevel=2)
+    if fp16 and device != "cuda":
+        notes.append("fp16 variants on CPU: onnxruntime casts around the ops it has no fp16 kernels for, so they "
+                     "run slower than fp32 here; their latency means something with --device cuda")
     if baseline is not None:
         base = results[0]
         for res in results:
@@ -650,7 +659,7 @@ def benchmark(
             for entry, res in zip(loaded, results):
                 res.quality = evaluate_quality(entry.model, entry.tokenizer, task_spec.name, data=data,
                                                limit=eval_limit, device=device,
-                                               session=entry.session if entry.precision == "int8" else None)
+                                               session=entry.session if entry.precision != "fp32" else None)
                 bar.advance()
     finally:
         bar.stop()
@@ -669,9 +678,10 @@ def benchmark(
         "task": task_spec.name if task_spec else None,
         "main_metric": _main_metric(task_spec),
         "eval_limit": eval_limit,
-        "quality_backend": ("torch (int8 variants: onnxruntime)" if int8 else "torch")
+        "quality_backend": (f"torch ({' / '.join(precisions)} variants: onnxruntime)" if precisions else "torch")
         if task_spec is not None and quality else None,
         "int8": int8,
+        "fp16": fp16,
         "baseline": results[0].name if baseline is not None else None,
         "notes": notes,
     }

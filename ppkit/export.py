@@ -76,7 +76,7 @@ class ExportReport:
     family: str = ""
     exporter: str = "torchscript"
     checked_shapes: list[tuple[int, int]] = field(default_factory=list)
-    quantization: dict[str, Any] | None = None  # int8: its cosine / max diff against the fp32 graph
+    quantization: dict[str, Any] | None = None  # int8 / fp16: its cosine / max diff against the fp32 graph
     optimization: dict[str, Any] | None = None  # fused operators, heads per attention node, max diff to unfused
 
     def to_dict(self) -> dict[str, Any]:
@@ -299,6 +299,7 @@ def export_onnx(
     quantize: str | None = None,
     optimize: bool = False,
     int8_min_cosine: float = MIN_COSINE,
+    dtype: str = "fp32",
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
 
@@ -314,18 +315,25 @@ def export_onnx(
     written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists. ``quantize="int8"``
     writes onnxruntime's dynamic int8 quantization of the checked fp32 graph instead (default file
     ``model-int8.onnx``), checked against fp32 by output cosine (at least ``int8_min_cosine``; bench,
-    which scores the int8 model itself, passes -1). ``optimize``
+    which scores the int8 model itself, passes -1). ``dtype="fp16"`` writes the half-precision copy
+    instead (for GPUs; default file ``model-fp16.onnx``; fp32 inputs and outputs), checked against fp32
+    by output cosine (at least :data:`ppkit.quantize.FP16_MIN_COSINE`). ``optimize``
     applies onnxruntime's transformer fusions with each fused attention node's own head count
     (:mod:`ppkit.ort_optimize`), checked against the unfused graph (``atol``), before quantizing.
     """
     start = time.perf_counter()
     if exporter not in ("torchscript", "dynamo"):
         raise InputError(f"unknown exporter {exporter!r}: use 'torchscript' or 'dynamo'")
-    from .quantize import QUANTIZATIONS
+    from .quantize import DTYPES, QUANTIZATIONS
 
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise InputError(f"unknown quantization {quantize!r}: use {', '.join(QUANTIZATIONS)}")
-    default_name = "model.onnx" if quantize is None else f"model-{quantize}.onnx"
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if quantize is not None and dtype != "fp32":
+        raise InputError(f"--quantize {quantize} quantizes the fp32 graph: leave out --dtype {dtype}")
+    precision = quantize or (dtype if dtype != "fp32" else None)  # None: the checked fp32 graph itself
+    default_name = "model.onnx" if precision is None else f"model-{precision}.onnx"
     if isinstance(model_or_dir, (str, Path)) and Path(model_or_dir).is_dir():
         source = Path(model_or_dir)
         model = load_for_export(source, head, attn_implementation)
@@ -365,19 +373,19 @@ def export_onnx(
             if check:
                 max_diff, shapes = verify_onnx(tmp_file, wrapper, module, inputs, outputs, atol=atol)
             quantization = optimization = None
-            if optimize or quantize is not None:  # the inputs both compare the rewritten graph on
+            if optimize or precision is not None:  # the inputs both compare the rewritten graph on
                 feeds = [{n: v.numpy() for n, v in sample_inputs(module, b, min(s, max_sequence_length(module)),
                                                                   seed=200 + i).items() if n in inputs}
                          for i, (b, s) in enumerate(CHECK_SHAPES)]
             if optimize:
                 optimization = _optimize_in_place(tmp_file, module, family, outputs, feeds, atol)
-            if quantize is not None:
-                from .quantize import quantize_checked
+            if precision is not None:
+                from .quantize import convert_checked
 
                 fp32_file = tmp_file.with_name("fp32-" + tmp_file.name)
                 tmp_file.rename(fp32_file)
-                quantization = {"method": "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights)",
-                                **quantize_checked(fp32_file, tmp_file, outputs, feeds, int8_min_cosine)}
+                quantization = convert_checked(precision, fp32_file, tmp_file, outputs, feeds,
+                                               int8_min_cosine if precision == "int8" else None)
                 fp32_file.unlink()
         _move_into_place(tmp_dir, target)
     finally:

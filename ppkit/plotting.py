@@ -148,13 +148,13 @@ def plot_pareto(report: Mapping[str, Any], path: str | Path) -> Path:
     for ax, batch in zip(axes[0], batches):
         for m in models:
             row = next(r for r in m["latency"] if r["backend"] == backend and r["batch_size"] == batch)
-            marker = "s" if m.get("precision") == "int8" else "o"
+            marker = {"int8": "s", "fp16": "^"}.get(m.get("precision"), "o")
             ax.scatter(row["p50_ms"], m["quality"][main], marker=marker)
             ax.annotate(m["name"], (row["p50_ms"], m["quality"][main]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ax.set_xlabel(f"p50 latency (ms), {backend} batch {batch}")
         ax.set_ylabel(main)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"quality vs latency ({report['settings'].get('task')}; squares: int8)")
+    fig.suptitle(f"quality vs latency ({report['settings'].get('task')}; squares: int8, triangles: fp16)")
     fig.tight_layout()
     return save_figure(fig, path)

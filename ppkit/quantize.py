@@ -1,4 +1,4 @@
-"""int8 ONNX models: onnxruntime's dynamic quantization of an exported fp32 graph, checked against it.
+"""int8 and fp16 ONNX models: converted from an exported fp32 graph, and checked against it.
 
 Pruning and int8 multiply: on all-MiniLM-L6-v2 at 0.6 FLOPs (onnxruntime CPU, batch 8 x 128, one
 thread) the pruned fp32 model ran at 0.60 of the dense fp32 latency, the dense int8 at 0.50 and the
@@ -9,6 +9,10 @@ logits), reported, and at least ``MIN_COSINE``: a guard against a broken graph, 
 (on a pruned MiniLM the per-example cosine of the token states of random ids was 0.97; quantizing the
 empty weights of a layer pruned to nothing gave 0.01-0.63). Task quality of an int8 model is what
 ``ppkit bench`` measures.
+
+fp16 (:func:`convert_fp16`, for GPUs) stores weights and computes in half precision with fp32 inputs
+and outputs; its check is the same per-example cosine at ``FP16_MIN_COSINE``. onnxruntime's CPU
+provider runs such a graph by casting back to fp32 around ops without fp16 kernels: correct, not fast.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from .errors import ExportError
 
 #: the int8 model's outputs must point where the fp32 model's do, example by example
 MIN_COSINE = 0.9
+#: half precision keeps about three significant digits: an fp16 graph far below this is broken
+FP16_MIN_COSINE = 0.999
 QUANTIZATIONS = ("int8",)
+DTYPES = ("fp32", "fp16")
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
@@ -60,7 +67,7 @@ def empty_weight_nodes(path: Path) -> list[str]:
 def compare_outputs(reference: Path, candidate: Path, outputs: Sequence[str],
                     feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Run both graphs on ``feeds`` in onnxruntime (CPU); per example and output, the cosine between the
-    flattened candidate (int8, fused) and reference outputs. Returns min / mean cosine, max |candidate -
+    flattened candidate (int8, fp16, fused) and reference outputs. Returns min / mean cosine, max |candidate -
     reference| and the number of examples; :class:`ExportError` when an output's shape differs."""
     ref_session, cand_session = ort_cpu_session(reference), ort_cpu_session(candidate)
     cosines: list[float] = []
@@ -78,17 +85,41 @@ def compare_outputs(reference: Path, candidate: Path, outputs: Sequence[str],
             "examples": len(cosines)}
 
 
-def quantize_checked(fp32_path: Path, int8_path: Path, outputs: Sequence[str],
-                     feeds: Sequence[dict[str, np.ndarray]], min_cosine: float = MIN_COSINE) -> dict[str, Any]:
-    """Quantize, compare with the fp32 graph, and raise :class:`ExportError` below ``min_cosine``."""
-    quantize_int8(fp32_path, int8_path)
-    stats = compare_outputs(fp32_path, int8_path, outputs, feeds)
+def convert_fp16(fp32_path: Path, fp16_path: Path) -> None:
+    """Write the half-precision copy of ``fp32_path`` (weights and compute in fp16, inputs and outputs
+    kept fp32 so that clients feed and read the same arrays) to ``fp16_path``."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+        onnx.save(model, str(fp16_path))
+    except Exception as exc:  # noqa: BLE001 - any converter failure becomes one actionable error
+        raise ExportError(f"fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
+
+
+#: precision -> (what the report calls it, converter, the cosine an export must reach by default)
+CONVERSIONS = {
+    "int8": ("dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights)", quantize_int8, MIN_COSINE),
+    "fp16": ("fp16 weights and compute, fp32 inputs / outputs (onnxruntime.transformers.float16)", convert_fp16,
+             FP16_MIN_COSINE),
+}
+
+
+def convert_checked(precision: str, fp32_path: Path, out_path: Path, outputs: Sequence[str],
+                    feeds: Sequence[dict[str, np.ndarray]], min_cosine: float | None = None) -> dict[str, Any]:
+    """Convert ``fp32_path`` to ``precision`` (int8 / fp16), compare with the fp32 graph on ``feeds``,
+    and raise :class:`ExportError` below ``min_cosine`` (default: the precision's own)."""
+    method, convert, default_cosine = CONVERSIONS[precision]
+    min_cosine = default_cosine if min_cosine is None else min_cosine
+    convert(fp32_path, out_path)
+    stats = {"method": method, "precision": precision, **compare_outputs(fp32_path, out_path, outputs, feeds)}
     stats["fp32_bytes"] = fp32_path.stat().st_size
-    stats["int8_bytes"] = int8_path.stat().st_size
+    stats["bytes"] = out_path.stat().st_size
     stats["min_cosine_required"] = min_cosine
     if not stats["min_cosine"] >= min_cosine:
-        raise ExportError(f"the int8 model's outputs drift from fp32 (cosine {stats['min_cosine']:.4f} < {min_cosine}); "
-                          "export fp32 instead")
+        raise ExportError(f"the {precision} model's outputs drift from fp32 (cosine {stats['min_cosine']:.4f} < "
+                          f"{min_cosine}); export fp32 instead")
     return stats
 
 

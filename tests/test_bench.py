@@ -230,7 +230,7 @@ def test_bench_prints_the_flops_ratio_prune_reported_beside_its_own(tmp_path, sh
     assert f"({result.report['flops_ratio']:.1%} @{result.report['flops_seq_len']:.0f} in prune)" in text
 
 
-def test_bench_times_int8_variants_in_the_same_rounds_and_scores_them_in_onnxruntime(tmp_path, shared_data, minilm_path):
+def test_bench_times_int8_and_fp16_variants_in_the_same_rounds_and_scores_them_in_onnxruntime(tmp_path, shared_data, minilm_path):
     from ppkit.bench import benchmark, evaluate_quality
     from ppkit.models import load_model, load_tokenizer
 
@@ -242,17 +242,22 @@ def test_bench_times_int8_variants_in_the_same_rounds_and_scores_them_in_onnxrun
         tok.save_pretrained(folder)
     sst2 = shared_data / "glue" / "SST-2"
     report = benchmark([tuned], baseline=dense, task="sst2", data=sst2, eval_limit=32, batch_sizes=[1, 4], seq_len=16,
-                       repeats=2, warmup=0, int8=True, plot=tmp_path / "b.png")
+                       repeats=2, warmup=0, int8=True, fp16=True, plot=tmp_path / "b.png")
 
     assert [(m.name, m.precision, m.role) for m in report.models] == [
-        ("dense", "fp32", "baseline"), ("dense · int8", "int8", "model"), ("tuned", "fp32", "model"),
-        ("tuned · int8", "int8", "model")]
+        ("dense", "fp32", "baseline"), ("dense · int8", "int8", "model"), ("dense · fp16", "fp16", "model"),
+        ("tuned", "fp32", "model"), ("tuned · int8", "int8", "model"), ("tuned · fp16", "fp16", "model")]
     assert all(len(m.latency) == 2 and m.latency[0].speedup for m in report.models)
     assert report.models[1].export["quantization"]["min_cosine"] >= 0.9
-    # int8 quality comes from onnxruntime and stays near the fp32 model's (same 32 dev sentences)
+    assert report.models[2].export["quantization"]["min_cosine"] >= 0.999
+    # int8 / fp16 quality comes from onnxruntime and stays near the fp32 model's (same 32 dev sentences)
     fp32 = evaluate_quality(load_model(tuned, head="sequence-classification"), tok, "sst2", data=sst2, limit=32)
-    assert report.models[2].quality["accuracy"] == pytest.approx(fp32["accuracy"])
-    assert abs(report.models[3].quality["accuracy"] - fp32["accuracy"]) <= 0.1
+    assert report.models[3].quality["accuracy"] == pytest.approx(fp32["accuracy"])
+    assert abs(report.models[4].quality["accuracy"] - fp32["accuracy"]) <= 0.1
+    assert abs(report.models[5].quality["accuracy"] - fp32["accuracy"]) <= 1 / 32
+    assert any("fp16 variants on CPU" in note for note in report.settings["notes"])
     assert (tmp_path / "b.png").is_file() and (tmp_path / "b-pareto.png").is_file()
     with pytest.raises(InputError, match="int8 variants run in onnxruntime"):
         benchmark([tuned], backend="torch", int8=True, batch_sizes=[1], seq_len=8, repeats=1)
+    with pytest.raises(InputError, match="fp16 variants run in onnxruntime"):
+        benchmark([tuned], backend="torch", fp16=True, batch_sizes=[1], seq_len=8, repeats=1)

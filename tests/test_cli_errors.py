@@ -474,6 +474,16 @@ def test_export_refuses_an_existing_file_without_overwrite(ws, tmp_path, capsys)
     assert (target / "model.onnx").read_bytes() != b"earlier export"
 
 
+def test_export_fp16_writes_its_own_file_and_refuses_with_int8(ws, tmp_path, capsys):
+    target = copy_tree(ws.pruned, tmp_path / "half")
+    r = run_cli(["export", target, "--onnx", "--dtype", "fp16"], capsys)
+    assert r.code == 0 and re.search(r"fp16 vs fp32: min cosine (0\.999|1\.000)", " ".join(r.err.split()))
+    assert (target / "model-fp16.onnx").is_file() and not (target / "model.onnx").exists()
+    r = run_cli(["export", target, "--onnx", "--dtype", "fp16", "--quantize", "int8"], capsys)
+    assert_user_error(r, "--quantize int8 quantizes the fp32 graph: leave out --dtype fp16")
+    assert not (target / "model-int8.onnx").exists() and leftovers(target) == []
+
+
 def test_export_without_onnx(ws, capsys):
     assert_user_error(run_cli(["export", ws.pruned, "--no-onnx"], capsys), "only ONNX export is available: pass --onnx")
 

@@ -216,6 +216,45 @@ def test_int8_export_of_a_pruned_model_stays_close_to_fp32(tmp_path, family):
         export_onnx(model, tmp_path / "x.onnx", quantize="int4")
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_fp16_export_of_a_pruned_model_is_half_size_and_agrees_with_torch(tmp_path, family):
+    model = make_tiny_bert("BertForSequenceClassification") if family == "bert" else make_tiny_gpt2("GPT2LMHeadModel")
+    prune_model(model, plan_for(model, seed=3, kind="zeros"))  # a layer with no heads and one with no neurons
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
+    report = export_onnx(model, tmp_path / "fp16.onnx", dtype="fp16")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp16.onnx", "fp32.onnx"]
+    q = report.quantization
+    assert q["precision"] == "fp16" and q["min_cosine"] >= 0.999 and q["examples"] >= 4
+    assert q["bytes"] < q["fp32_bytes"]  # a tiny graph's file is mostly structure; its weights halve:
+    graph = onnx.load(str(report.path)).graph
+    weights = [init for init in graph.initializer if len(init.dims) == 2 and 0 not in init.dims]
+    assert weights and all(init.data_type == onnx.TensorProto.FLOAT16 for init in weights)
+    weight_bytes = [sum(len(init.raw_data) for init in onnx.load(str(path)).graph.initializer)
+                    for path in (report.path, fp32.path)]
+    assert weight_bytes[0] == pytest.approx(weight_bytes[1] / 2, rel=0.05)
+    # clients feed and read the fp32 model's arrays
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.FLOAT]
+    assert len(onnx.load(str(fp32.path)).graph.initializer) and fp32.quantization is None
+    # an independent run on another input size agrees with torch at half precision
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    feed = sample_inputs(model, 2, 9, seed=7)
+    with torch.no_grad():
+        ref = model(**{n: feed[n] for n in report.inputs}).logits.numpy()
+    (got,) = session.run(["logits"], {n: feed[n].numpy() for n in report.inputs})
+    assert got.dtype == np.float32
+    assert np.abs(got - ref).max() <= 2e-2 * max(1.0, float(np.abs(ref).max()))
+
+
+def test_fp16_and_int8_are_separate_exports(tmp_path):
+    model = make_tiny_bert("BertModel")
+    with pytest.raises(InputError, match="--quantize int8 quantizes the fp32 graph: leave out --dtype fp16"):
+        export_onnx(model, tmp_path / "x.onnx", quantize="int8", dtype="fp16")
+    with pytest.raises(InputError, match="unknown dtype 'bf16': use fp32, fp16"):
+        export_onnx(model, tmp_path / "x.onnx", dtype="bf16")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("heads", [[3, 1, 2], [0, 4, 2]])
 def test_optimize_writes_each_layers_head_count_and_matches_the_unfused_graph(tmp_path, heads):
     from onnxruntime.transformers import optimizer

@@ -236,7 +236,8 @@ def render(rows: list[dict]) -> str:
                     pts = [(b, statistics.fmean(v)) for b, v in zip(budgets, vals) if v]
                     if comp != "lstsq":
                         series[f"{strategy} {comp}"] = ([p[0] for p in pts], [p[1] for p in pts])
-        out.append("")
+        out += ["", "Best per budget (vs dense fine-tuned; Kwon et al.'s full method, fisher-r + mask-tuning, beside): " + "; ".join(
+            _best(cells, task, b, dense) for b in budgets) + ".", ""]
         panels.append({"series": series, "ylabel": "dev x100", "title": NAMES[task], "reference": dense,
                        "reference_label": "dense fine-tuned"})
     cost = [r for r in rows if "prune_cpu_seconds" in r]
@@ -251,6 +252,15 @@ def render(rows: list[dict]) -> str:
         out += [f"![retraining-free]({os.path.relpath(PLOT, HERE)})", ""]
     out.append(END)
     return "\n".join(out) + "\n"
+
+
+def _best(cells: dict, task: str, budget: float, dense: float) -> str:
+    """The best strategy + reconstruction at ``budget`` (random: mean over seeds), and Kwon et al.'s method."""
+    scored = {(s, c): statistics.fmean(v) for (t, s, c, b), v in cells.items() if t == task and b == budget}
+    (strategy, comp), best = max(scored.items(), key=lambda kv: kv[1])
+    kwon = scored.get(("fisher-r", "mask-tuning"))
+    return (f"{budget:g}: {strategy} + {comp} {best:.1f} ({best - dense:+.1f})"
+            + (f", Kwon {kwon:.1f} ({kwon - dense:+.1f})" if kwon is not None else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ Grid: SST-2, MRPC, STS-B x FLOPs 0.6, 0.4, 0.8, 0.5, 0.7 x fisher (search alone)
 fisher-r (with mask rearrangement; no / sequential / mask-tuning reconstruction only), Dual-CP, KCM,
 random (seeds 0-2; seeds 1-2 last) x reconstruction none / lstsq (one shot) / lstsq-seq (sequential), and
 fisher with Kwon et al.'s own mask tuning (``--compensate mask-tuning``: per-unit scales, sequential).
-Run order: ``CORE`` (fisher and Dual-CP on STS-B and SST-2) at every budget, then the rest by budget.
+Run order: ``CORE`` (fisher, Kwon et al.'s method and Dual-CP on STS-B and SST-2) at every budget, then the rest by budget.
 One JSON per cell in ``benchmarks/results/retraining_free/``; resumable, two runners share the grid.
 
     python benchmarks/retraining_free.py --stop-at 10:00     # run (resumable)
@@ -49,8 +49,9 @@ SAMPLES = 2000
 NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B"}
 
 
-#: run first, at every budget: fisher and Dual-CP with their main reconstructions on STS-B and SST-2
-CORE = {"fisher": ("none", "lstsq-seq", "mask-tuning"), "dual-cp": ("lstsq", "lstsq-seq")}
+#: run first, at every budget: fisher (Kwon et al.'s full method included) and Dual-CP with their main
+#: reconstructions on STS-B and SST-2
+CORE = {"fisher": ("none", "lstsq-seq", "mask-tuning"), "fisher-r": ("mask-tuning",), "dual-cp": ("lstsq", "lstsq-seq")}
 
 
 def grid() -> list[tuple[str, str, float, int, str]]:

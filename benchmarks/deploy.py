@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -138,9 +139,31 @@ def render(data: dict) -> str:
             q = quality.get(name, {}).get("spearman")
             out.append(f"| {name} | {', '.join(map(str, widths))} | {m['flops']['ratio_vs_baseline']:.3f} | "
                        + " | ".join(cells) + (f" | {100 * q:.1f} |" if quality else " |"))
-        out.append("")
+        out += ["", _summary(shape, runs), ""]
     out.append(END)
     return "\n".join(out) + "\n"
+
+
+def _summary(shape: str, runs: list[dict]) -> str:
+    """The ratios at 0.6 and what alignment changes, per thread count, at the largest batch timed."""
+    batch = BATCHES[shape][-1]
+    parts, spread = [], []
+    for run in runs:
+        r = {m["name"]: _ratio(m, batch) for m in run["models"]}
+        if "0.6" in r:
+            parts.append(f"{run['threads']} thread(s): pruned fp32 {r['0.6']:.2f}, dense int8 {r['dense · int8']:.2f}, "
+                         f"pruned int8 {r['0.6 · int8']:.2f}")
+        for budget in BUDGETS:
+            for precision in ("", " · int8"):
+                aligned = [r[n] for n in (f"{budget:g} x{m}{precision}" for m in MULTIPLES[1:]) if n in r]
+                if f"{budget:g}{precision}" in r and aligned:
+                    spread += [a / r[f"{budget:g}{precision}"] - 1 for a in aligned]
+    text = f"At 0.6 FLOPs, batch {batch}, latency relative to dense fp32: " + "; ".join(parts) + "."
+    if spread:
+        text += (f" Aligned widths (x8, x64) against the unaligned plan of the same budget and precision, every "
+                 f"thread count: median {100 * statistics.median(spread):+.0f}%, range {100 * min(spread):+.0f}% to "
+                 f"{100 * max(spread):+.0f}%.")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ SEQ_LEN = 128
 
 def minilm_models(budgets, multiples, samples: int):
     """The dense STS-B MiniLM and its pruned variants ({name: model}), with the tokenizer."""
-    from retraining_free import GLUE, TASK_DIRS, max_length, source
+    from retraining_free import max_length, source
     from transformers import AutoConfig
 
     from ppkit.models import load_model, load_tokenizer
@@ -53,7 +53,7 @@ def minilm_models(budgets, multiples, samples: int):
     for budget in budgets:
         for multiple in multiples:
             res = prune(str(src), task="stsb", flops=budget, strategy="fisher", compensate="lstsq-seq",
-                        data=GLUE / TASK_DIRS["stsb"], samples=samples, multiple_of=multiple, plot=False,
+                        data=_stsb_dir(), samples=samples, multiple_of=multiple, plot=False,
                         progress=False, max_length=max_length("stsb", AutoConfig.from_pretrained(src)))
             models[_name(budget, multiple)] = res.model
     return load_model(src, head="sequence-classification"), models, load_tokenizer(src)

@@ -496,7 +496,7 @@ def measure_latency(
                 rep = export_onnx(entry.model.cpu(), out_dir / f"{i:02d}-{_safe(entry.name)}.onnx",
                                   quantize="int8" if entry.precision == "int8" else None,
                                   dtype="fp16" if entry.precision == "fp16" else "fp32",
-                                  int8_min_cosine=-1.0)  # bench scores the int8 model itself; an untrained
+                                  min_cosine=-1.0)  # bench scores the int8 / fp16 model itself; an untrained
                 # head's near-zero logits would fail the export's output-cosine guard
                 entry.model.to(device)
                 res.export = rep.to_dict()

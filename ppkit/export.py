@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from .errors import ExportError, InputError, ModelLoadError, OutputError
-from .quantize import MIN_COSINE
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +297,7 @@ def export_onnx(
     overwrite: bool = False,
     quantize: str | None = None,
     optimize: bool = False,
-    int8_min_cosine: float = MIN_COSINE,
+    min_cosine: float | None = None,
     dtype: str = "fp32",
 ) -> ExportReport:
     """Export a model (instance or model directory, dense or pruned) to ONNX and verify it.
@@ -314,10 +313,10 @@ def export_onnx(
     :class:`ExportError` is raised when outputs differ from torch by more than ``atol``. The file is
     written atomically; ``overwrite=False`` raises :class:`OutputError` if it exists. ``quantize="int8"``
     writes onnxruntime's dynamic int8 quantization of the checked fp32 graph instead (default file
-    ``model-int8.onnx``), checked against fp32 by output cosine (at least ``int8_min_cosine``; bench,
-    which scores the int8 model itself, passes -1). ``dtype="fp16"`` writes the half-precision copy
-    instead (for GPUs; default file ``model-fp16.onnx``; fp32 inputs and outputs), checked against fp32
-    by output cosine (at least :data:`ppkit.quantize.FP16_MIN_COSINE`). ``optimize``
+    ``model-int8.onnx``), checked against fp32 by output cosine (at least :data:`ppkit.quantize.MIN_COSINE`).
+    ``dtype="fp16"`` writes the half-precision copy instead (for GPUs; default file ``model-fp16.onnx``;
+    fp32 inputs and outputs), checked the same way (at least :data:`ppkit.quantize.FP16_MIN_COSINE`).
+    ``min_cosine`` replaces either bound (bench, which scores the converted model itself, passes -1). ``optimize``
     applies onnxruntime's transformer fusions with each fused attention node's own head count
     (:mod:`ppkit.ort_optimize`), checked against the unfused graph (``atol``), before quantizing.
     """
@@ -384,8 +383,7 @@ def export_onnx(
 
                 fp32_file = tmp_file.with_name("fp32-" + tmp_file.name)
                 tmp_file.rename(fp32_file)
-                quantization = convert_checked(precision, fp32_file, tmp_file, outputs, feeds,
-                                               int8_min_cosine if precision == "int8" else None)
+                quantization = convert_checked(precision, fp32_file, tmp_file, outputs, feeds, min_cosine)
                 fp32_file.unlink()
         _move_into_place(tmp_dir, target)
     finally:

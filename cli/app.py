@@ -193,7 +193,7 @@ def finetune(
     min_steps: Optional[int] = typer.Option(None, "--min-steps", help="With no --epochs, add epochs until this many optimizer steps (default 1000; 0: off)."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="BERT classifier input: cls ([CLS] pooler) or mean (masked mean of the last layer). Default: what the checkpoint was trained with (sentence-transformers' 1_Pooling), else cls."),
     head_init: bool = typer.Option(True, "--head-init/--no-head-init", help="Start a fresh head's bias at the label mean (regression) / log class prior."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Fine-tuned dense model directory to distil from (its predictions, optionally its hidden states)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Fine-tuned dense model directory to distil from (its predictions, optionally its hidden states); for an LM task, the dense language model (per-token KL)."),
     distill_weight: float = typer.Option(0.5, "--distill-weight", help="With --teacher: weight of the prediction loss; the task loss gets 1 - this."),
     distill_temperature: float = typer.Option(2.0, "--distill-temperature", help="With --teacher: softmax temperature of the KL divergence."),
     distill_hidden: float = typer.Option(0.0, "--distill-hidden", help="With --teacher: weight of the layer-to-layer hidden-state MSE (0: off)."),

@@ -5,8 +5,9 @@ The student's loss mixes the task loss with the distance to the teacher's predic
     loss = (1 - weight) * task + weight * prediction_loss + hidden_weight * hidden_loss
 
 ``prediction_loss`` is the KL divergence between the temperature-softened class distributions
-(times T², so its gradient scale does not depend on T) for classification, and the MSE to the
-teacher's score for regression. ``hidden_loss`` is the mean over layers of the MSE between the
+(times T², so its gradient scale does not depend on T) for classification, the same KL per token
+over the vocabulary for causal language modelling (averaged over the tokens the LM loss scores),
+and the MSE to the teacher's score for regression. ``hidden_loss`` is the mean over layers of the MSE between the
 student's and the teacher's hidden states at each layer's output, over non-padding tokens: a pruned
 model keeps the teacher's layer count and hidden size, so no projection is needed.
 """
@@ -21,6 +22,10 @@ import torch
 from torch import nn
 
 from ppkit.errors import InputError
+
+
+#: task kinds a teacher can be distilled on
+DISTILLED_KINDS = ("classification", "regression", "lm")
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,18 @@ class DistillSettings:
 
 
 def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
-                    temperature: float) -> torch.Tensor:
-    """KL(teacher || student) of the softened distributions times T² (classification), or the MSE
-    between the scores (regression)."""
+                    temperature: float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the softened distributions times T² (classification; for ``kind="lm"``
+    per next-token distribution, averaged over the positions whose next label is not -100), or the
+    MSE between the scores (regression)."""
     if kind == "regression":
         return nn.functional.mse_loss(student_logits.float(), teacher_logits.float())
+    if kind == "lm":
+        # position i predicts token i + 1, as in the causal-LM loss: the last position has no target
+        student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+        keep = (labels[:, 1:] != -100) if labels is not None else torch.ones(student_logits.shape[:2], dtype=torch.bool,
+                                                                            device=student_logits.device)
+        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]  # [tokens, vocab]
     t = temperature
     log_p_student = nn.functional.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = nn.functional.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -76,10 +88,16 @@ def hidden_loss(student_states: tuple[torch.Tensor, ...], teacher_states: tuple[
 def load_teacher(teacher: str | Path | nn.Module, student: nn.Module, spec: Any, allow_pickle: bool) -> nn.Module:
     """The teacher in eval mode without gradients, checked against the student (same outputs, and the
     same hidden size and layer count)."""
-    if spec.kind not in ("classification", "regression"):
-        raise InputError(f"--teacher distils sentence classification / regression; task {spec.name} is {spec.kind}")
+    if spec.kind not in DISTILLED_KINDS:
+        raise InputError(f"--teacher distils sentence classification / regression and causal language modelling; "
+                         f"task {spec.name} is {spec.kind}")
+    lm = spec.kind == "lm"
     if isinstance(teacher, nn.Module):
         model = teacher
+    elif lm:  # a language model's head is its (tied) embedding: any dense causal LM directory is a teacher
+        from ppkit.models import load_model
+
+        model = load_model(str(teacher), head="causal-lm", allow_pickle=allow_pickle)
     else:
         from ppkit.models import load_model
 
@@ -88,7 +106,7 @@ def load_teacher(teacher: str | Path | nn.Module, student: nn.Module, spec: Any,
         if not _has_trained_head(Path(str(teacher))):
             raise InputError(f"teacher {teacher} has no fine-tuned classifier head: fine-tune the dense model first "
                              f"(ppkit finetune DENSE --task {spec.name} ...) and pass that directory")
-    for attr in ("num_labels", "hidden_size", "num_hidden_layers"):
+    for attr in ("vocab_size" if lm else "num_labels", "hidden_size", "num_hidden_layers"):
         if getattr(model.config, attr, None) != getattr(student.config, attr, None):
             raise InputError(f"teacher and student differ in {attr} ({getattr(model.config, attr, None)} vs "
                              f"{getattr(student.config, attr, None)}): distil from the dense model the student was pruned from")
@@ -121,7 +139,7 @@ def distillation_trainer(trainer_cls: type, teacher: nn.Module, settings: Distil
             with torch.no_grad():
                 target = teacher(**features, output_hidden_states=want_hidden)
             loss = (1 - settings.weight) * outputs.loss + settings.weight * prediction_loss(
-                outputs.logits, target.logits, kind, settings.temperature)
+                outputs.logits, target.logits, kind, settings.temperature, inputs.get("labels"))
             if want_hidden:
                 loss = loss + settings.hidden_weight * hidden_loss(outputs.hidden_states, target.hidden_states,
                                                                    inputs.get("attention_mask"))

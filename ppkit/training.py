@@ -369,8 +369,8 @@ def finetune(
     length 384; GPT-2 LM per corpus). A fresh head starts at the train labels' mean (regression) or
     log class prior (classification) unless ``init_head_bias=False``; ``pooling`` ("cls" / "mean",
     BERT classifiers) defaults to what the checkpoint was trained with. ``threads`` sets torch's
-    intra-op threads. ``teacher`` (a fine-tuned dense model directory or model) turns on distillation
-    with ``distill`` (:class:`ppkit.distill.DistillSettings`). ``batch_size`` is global (divided by
+    intra-op threads. ``teacher`` (a fine-tuned dense model directory or model; for LM tasks the dense
+    language model) turns on distillation with ``distill`` (:class:`ppkit.distill.DistillSettings`). ``batch_size`` is global (divided by
     the number of torchrun processes).
     ``train_limit`` / ``eval_limit`` keep a seeded random subset of the train split / the first N dev
     examples for quick runs. The dev split is evaluated after every epoch and the best epoch by the

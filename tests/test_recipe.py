@@ -208,6 +208,70 @@ def test_distillation_loss_is_zero_when_the_teacher_is_the_student(shared_data, 
     assert float(trainer.compute_loss(other, {**inputs, "labels": torch.tensor([0, 1, 1])}).detach()) > 1e-4
 
 
+def test_lm_distillation_is_the_mean_next_token_kl_over_scored_positions():
+    from conftest import make_tiny_gpt2
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 17, generator=g), torch.randn(2, 6, 17, generator=g)
+    labels = torch.randint(0, 17, (2, 6), generator=g)
+    labels[1, 4:] = -100  # padding: positions 3 and 4 of row 1 predict nothing; position 5 never does
+    loss = prediction_loss(student, teacher, "lm", 2.0, labels)
+
+    rows = [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
+    manual = [torch.nn.functional.kl_div(torch.log_softmax(student[b, i] / 2, -1), torch.log_softmax(teacher[b, i] / 2, -1),
+                                         log_target=True, reduction="sum") for b, i in rows]
+    assert float(loss) == pytest.approx(4 * float(torch.stack(manual).mean()), rel=1e-5)
+    changed = student.clone()
+    changed[1, 3:] += 5 * torch.randn(3, 17, generator=g)  # only positions without a target
+    changed[0, 5] += 5 * torch.randn(17, generator=g)
+    assert float(prediction_loss(changed, teacher, "lm", 2.0, labels)) == pytest.approx(float(loss), rel=1e-6)
+
+    # through the trainer: a tiny GPT-2 (no dropout) distilled from its copy has no loss left at weight 1;
+    # evaluation keeps the plain LM loss
+    from transformers import Trainer, TrainingArguments
+
+    lm = make_tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cls = distillation_trainer(Trainer, copy.deepcopy(lm), DistillSettings(weight=1.0, hidden_weight=1.0), "lm")
+    trainer = cls(model=lm, args=TrainingArguments(output_dir="unused", use_cpu=True, report_to="none"))
+    ids = torch.randint(0, lm.config.vocab_size, (2, 9), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    assert float(trainer.compute_loss(lm.train(), batch).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(trainer.compute_loss(lm.eval(), batch).detach()) > 1.0
+
+
+@pytest.mark.slow
+def test_pruned_tiny_gpt2_fine_tunes_with_its_dense_teacher(tmp_path, shared_data):
+    from conftest import make_tiny_gpt2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    data = tmp_path / "ptb"
+    data.mkdir()
+    for name, n in (("train", 150), ("valid", 50)):
+        lines = (shared_data / "lm" / "ptb" / f"{name}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+        (data / f"{name}.txt").write_text("".join(lines[:n]), encoding="utf-8")
+    kw = dict(data=data, batch_size=8, learning_rate=3e-3, max_length=32, seed=0, progress=False)
+    dense = tmp_path / "dense"
+    make_tiny_gpt2(vocab_size=len(tok)).save_pretrained(dense)
+    tok.save_pretrained(dense)
+    teacher = finetune(dense, "ptb", out_dir=tmp_path / "teacher", epochs=2, **kw)
+
+    model = teacher.model
+    plan = plan_for(model, seed=2)
+    prune_model(model, plan)
+    save_pruned(model, tmp_path / "pruned", plan=plan, tokenizer=tok)
+    student = finetune(tmp_path / "pruned", "ptb", out_dir=tmp_path / "student", epochs=1, eval_before=True,
+                       teacher=tmp_path / "teacher", **kw)
+
+    assert student.settings["teacher"] == str(tmp_path / "teacher")
+    assert student.best_metrics["perplexity"] < student.initial_metrics["perplexity"]
+    other = tmp_path / "other-vocab"
+    make_tiny_gpt2(vocab_size=len(tok) + 1).save_pretrained(other)
+    with pytest.raises(InputError, match="vocab_size"):
+        finetune(tmp_path / "pruned", "ptb", out_dir=tmp_path / "bad", epochs=1, teacher=other, **kw)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_distillation_settings_are_checked():
     with pytest.raises(InputError, match="weight"):
         DistillSettings(weight=1.5)

@@ -22,6 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_report import README, TASK_NAMES, failed_cells, fmt, load_glue, majority_rate, score  # noqa: E402
 from sections import replace_section  # noqa: E402
 from reproduce import LABELS, RECIPE_V2, RESULTS_BY_RECIPE, V2_BUDGETS, grid_v2, is_current  # noqa: E402
+from reproduce_lm import RECIPE_V2 as LM_RECIPE_V2  # noqa: E402
+from reproduce_lm import RESULTS as LM_V1_RESULTS  # noqa: E402
+from reproduce_lm import RESULTS_BY_RECIPE as LM_RESULTS_BY_RECIPE  # noqa: E402
+from reproduce_lm import V2_CELLS as LM_V2_CELLS  # noqa: E402
 
 START, END = "<!-- reproduce-v2:start -->", "<!-- reproduce-v2:end -->"
 #: issue 17's bar for the dense model (dev x100, full dev sets)
@@ -35,7 +39,42 @@ def cell_text(cells: list[dict], failed: set[str]) -> str:
     return fmt(cells, failed=failed) if cells else "·"
 
 
-def render(rows: list[dict]) -> str:
+def load_lm_v2(results: Path = LM_RESULTS_BY_RECIPE[LM_RECIPE_V2.name]) -> list[dict]:
+    """The lm-cpu-v2 cells of the small GPT-2 (``reproduce_lm.py --recipe lm-cpu-v2``) that are current."""
+    import json
+
+    rows = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(results.glob("small-gpt2-here/*.json"))]
+    return [r for r in rows if r.get("recipe_key") == LM_RECIPE_V2.key()]
+
+
+def render_lm(rows: list[dict], dense_file: Path = LM_V1_RESULTS / "small-gpt2-here" / "ptb__dense__1__s0.json") -> list[str]:
+    """The GPT-2 table: perplexity of each lm-cpu-v2 cell after pruning and after one full PTB epoch."""
+    import json
+
+    out = ["**GPT-2** (the small GPT-2 trained here, not OpenAI's; recipe `lm-cpu-v2`: pruned to 0.5 FLOPs, then "
+           "one full PTB train epoch, `-kd` with the dense model as teacher; perplexity on the first 8,192 tokens "
+           "of each test split, lower is better)", ""]
+    done = {r["cell"]: r for r in rows}
+    if not done:
+        return out + [f"Not run yet: `python benchmarks/reproduce_lm.py --recipe lm-cpu-v2` computes "
+                      f"{', '.join(LM_V2_CELLS)} (about an hour each on one thread).", ""]
+    dense = json.loads(dense_file.read_text(encoding="utf-8"))["ppl_before_ft"] if dense_file.is_file() else None
+    out += ["| cell | PTB test, pruned | PTB test, after the epoch | WikiText-2 test, after | fine-tune min |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    if dense:
+        out.append(f"| dense (no pruning, no fine-tune) | {dense['ptb/test']:.1f} | · | {dense['wikitext-2/test']:.1f} | · |")
+    for cell in LM_V2_CELLS:
+        key = f"{cell}/0"
+        if key not in done:
+            out.append(f"| {cell} | · | · | · | · |")
+            continue
+        r = done[key]
+        out.append(f"| {cell} | {r['ppl_before_ft']['ptb/test']:.1f} | {r['ppl_after_ft']['ptb/test']:.1f} | "
+                   f"{r['ppl_after_ft']['wikitext-2/test']:.1f} | {r['finetune']['train_seconds'] / 60:.0f} |")
+    return out + [""]
+
+
+def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
     expected = grid_v2()
     done = {r["cell"] for r in rows}
     todo = [c for c in expected if c.id not in done]
@@ -98,6 +137,7 @@ def render(rows: list[dict]) -> str:
              f"({t['wins']} wins, {t['losses']} losses), Wilcoxon p = {t['p']:.2g}" for a, b, t in tests if t]
     out += ["Paired comparisons (two-sided Wilcoxon signed-rank test over every task × budget × fine-tune seed "
             "both strategies ran, pruning seed 0):", ""] + (lines or ["- fewer than 3 pairs so far for every comparison"]) + [""]
+    out += render_lm(lm_rows)
     out.append(END)
     return "\n".join(out) + "\n"
 
@@ -143,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", type=Path, default=README)
     args = p.parse_args(argv)
     rows = [r for r in load_glue(args.results) if is_current(r, RECIPE_V2)]
-    text = render(rows)
+    text = render(rows, load_lm_v2())
     if args.print:
         print(text)
     else:

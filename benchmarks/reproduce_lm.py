@@ -16,6 +16,11 @@ Per cell (strategy, FLOPs budget, seed):
 3. a short fine-tune on a seeded subset of PTB train blocks (``ppkit.training.finetune``; the paper
    fine-tunes 20 epochs on PTB), then the same four perplexities again.
 
+Recipe ``lm-cpu-v2`` (``--recipe lm-cpu-v2``, issue 20): the 96-block fine-tune was too short to tell
+Dual-CP from random, so at 0.5 both fine-tune for one full PTB train epoch, with and without
+distillation from the dense small GPT-2 (``-kd`` cells: ``finetune(teacher=...)``, per-token KL at
+T = 2, weight 0.5); results in ``benchmarks/results/reproduce_lm_v2/``, table in the v2 section.
+
 One JSON per cell under ``benchmarks/results/reproduce_lm/<model tag>/``, skipped on rerun; weights stay
 in the cache (``~/.cache/ppkit-bench``) and are deleted after the cell.
 
@@ -23,6 +28,7 @@ in the cache (``~/.cache/ppkit-bench``) and are deleted after the cell.
     python benchmarks/reproduce_lm.py                              # whole grid (resumable)
     python benchmarks/reproduce_lm.py --only dual-cp/0.6/0         # (re)compute one cell
     python benchmarks/reproduce_lm.py --model gpt2                 # OpenAI GPT-2 (needs the hub)
+    python benchmarks/reproduce_lm.py --recipe lm-cpu-v2           # one full PTB epoch, +- teacher (~1 h a cell)
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from train_small_gpt2 import NOTE, model_dir  # noqa: E402
 PTB = SHARED / "lm" / "ptb"
 WT2 = SHARED / "lm" / "wikitext-2"
 RESULTS = REPO / "benchmarks" / "results" / "reproduce_lm"
-STRATEGIES = ("dense", "dual-cp", "random", "kcm", "worst")
+STRATEGIES = ("dense", "dual-cp", "random", "kcm", "worst", "dual-cp-kd", "random-kd")
 EVAL_SETS = {"ptb/valid": ("ptb", PTB, "dev"), "ptb/test": ("ptb", PTB, "test"),
              "wikitext-2/valid": ("wikitext-2", WT2, "dev"), "wikitext-2/test": ("wikitext-2", WT2, "test")}
 
@@ -63,7 +69,7 @@ class LMRecipe:
     lambda_: float = 5.0
     max_context: int = 256               # window for calibration / fine-tuning / perplexity (capped by n_positions)
     eval_tokens: int = 8192              # first N tokens of every eval split
-    ft_train_blocks: int = 96            # seeded subset of PTB train blocks (paper: 20 epochs of PTB)
+    ft_train_blocks: int | None = 96     # seeded subset of PTB train blocks (None: all; paper: 20 epochs of PTB)
     ft_epochs: int = 1
     ft_batch_size: int = 8
     ft_learning_rate: float = 3e-4
@@ -76,6 +82,10 @@ class LMRecipe:
 
 
 RECIPE = LMRecipe()
+RECIPE_V2 = LMRecipe(name="lm-cpu-v2", ft_train_blocks=None, ft_eval_blocks=40)
+RECIPES = {r.name: r for r in (RECIPE, RECIPE_V2)}
+RESULTS_BY_RECIPE = {RECIPE.name: RESULTS, RECIPE_V2.name: REPO / "benchmarks" / "results" / "reproduce_lm_v2"}
+V2_CELLS = ("dual-cp/0.5", "random/0.5", "dual-cp-kd/0.5", "random-kd/0.5")
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,7 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
             out["prune"] = {"flops_ratio": 1.0}
         else:
             try:
-                r = prune(model_path, task="ptb", data=PTB, flops=cell.budget, strategy=cell.strategy,
+                r = prune(model_path, task="ptb", data=PTB, flops=cell.budget, strategy=cell.strategy.removesuffix("-kd"),
                           samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_,
                           seed=cell.seed, out=work / "pruned", plot=False, progress=False, tokenizer=tokenizer,
                           **_calibration_length(model_path, recipe))
@@ -188,10 +198,12 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
         ft = finetune(src, "ptb", out_dir=work / "finetuned", data=PTB, epochs=recipe.ft_epochs,
                       batch_size=recipe.ft_batch_size, learning_rate=recipe.ft_learning_rate, max_length=window,
                       seed=recipe.finetune_seed, train_limit=recipe.ft_train_blocks, eval_limit=recipe.ft_eval_blocks,
-                      progress=False, tokenizer=tokenizer, checkpoint_dir=work / "checkpoints")
+                      progress=False, tokenizer=tokenizer, checkpoint_dir=work / "checkpoints",
+                      teacher=model_path if cell.strategy.endswith("-kd") else None)
         out["ppl_after_ft"] = eval_perplexities(ft.model.eval(), tokenizer, recipe, window)
         out["finetune"] = {"train_seconds": sum(e.train_seconds for e in ft.epochs), "total_seconds": ft.total_seconds,
-                           "train_blocks": ft.settings["train_examples"], "dev_loss": ft.best_metrics.get("loss")}
+                           "train_blocks": ft.settings["train_examples"], "dev_loss": ft.best_metrics.get("loss"),
+                           "teacher": ft.settings.get("teacher"), "distill": ft.settings.get("distill")}
         out["window"] = window
     finally:
         if not keep_models:
@@ -225,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None,
                    help="model dir or hub name; default: the small GPT-2 trained here (train_small_gpt2.py). "
                         "'gpt2' = OpenAI's GPT-2 from the hub")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=RECIPE.name,
+                   help="lm-cpu-v1 (default): 96-block fine-tune, every budget; lm-cpu-v2: one full PTB epoch at 0.5, "
+                        "Dual-CP and random, with and without the dense model as teacher")
     p.add_argument("--budgets", help="comma list (default 0.9,0.7,0.6,0.5,0.4,0.3)")
     p.add_argument("--strategies", help=f"comma list of {','.join(STRATEGIES)}")
     p.add_argument("--seeds", default="0", help="random-strategy seeds (default 0)")
@@ -232,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute", action="append", default=[], metavar="CELL")
     p.add_argument("--deadline", type=float, help="launch no new cell after this many minutes")
     p.add_argument("--list", action="store_true")
-    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--results", type=Path, help="results folder (default: the recipe's under benchmarks/results)")
     p.add_argument("--cache", type=Path, default=CACHE,
                    help="work dir for pruned / fine-tuned models, and where train_small_gpt2.py put its model")
     p.add_argument("--keep-models", action="store_true")
     args = p.parse_args(argv)
+    recipe = RECIPES[args.recipe]
+    args.results = args.results or RESULTS_BY_RECIPE[recipe.name]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     for noisy in ("ppkit", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -248,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = "gpt2" if args.model == "gpt2" else Path(args.model).name
     if args.only:
         cells, force = [LMCell.parse(c) for c in args.only], {LMCell.parse(c).id for c in args.only}
+    elif recipe is RECIPE_V2:
+        cells, force = [LMCell.parse(c) for c in V2_CELLS], {LMCell.parse(c).id for c in args.recompute}
     else:
         csv = lambda s, f=str: [f(x) for x in s.split(",") if x.strip()] if s else None  # noqa: E731
         cells = lm_grid(budgets=csv(args.budgets, float) or BUDGETS, strategies=csv(args.strategies) or STRATEGIES,
@@ -270,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.deadline is not None and (time.perf_counter() - t0) / 60 > args.deadline:
             log.info("deadline reached: not launching %s and later cells", cell.id)
             break
-        res, computed = run_lm_cell(cell, model_path=model_path, tag=tag, results_dir=args.results,
+        res, computed = run_lm_cell(cell, model_path=model_path, tag=tag, recipe=recipe, results_dir=args.results,
                                     cache_dir=args.cache, force=cell.id in force, keep_models=args.keep_models,
                                     command=command)
         if res.get("infeasible"):

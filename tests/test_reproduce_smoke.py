@@ -197,6 +197,37 @@ def test_lm_grid_rerun_over_cached_results_needs_no_weights(tmp_path):
         lm.main(["--strategies", "dense,dual-cp", "--budgets", "0.6", *common])
 
 
+@pytest.mark.slow
+def test_lm_v2_kd_cell_distils_the_dense_model_and_the_v2_report_shows_it(tmp_path, shared_data):
+    """reproduce_lm's lm-cpu-v2 cells (random-kd here) prune, fine-tune with the dense model as teacher and
+    land in the GPT-2 table of the v2 section; on a tiny GPT-2 with tiny budgets for speed."""
+    import dataclasses
+
+    from conftest import make_tiny_gpt2
+    from transformers import AutoTokenizer
+
+    lm = _load_bench("reproduce_lm")
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    model = tmp_path / "tiny-gpt2"
+    make_tiny_gpt2(vocab_size=len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    recipe = dataclasses.replace(lm.RECIPE_V2, name="smoke-lm-v2", calibration_samples=8, eval_tokens=256,
+                                 max_context=32, ft_train_blocks=16, ft_eval_blocks=4)
+    cell = lm.LMCell.parse("random-kd/0.5")
+
+    res, computed = lm.run_lm_cell(cell, model_path=str(model), tag="small-gpt2-here", recipe=recipe,
+                                   results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
+
+    assert computed and res["strategy"] == "random-kd" and res["prune"]["flops_ratio"] <= 0.5 + 1e-6
+    assert res["finetune"]["teacher"] == str(model) and res["finetune"]["distill"]["weight"] == 0.5
+    assert res["finetune"]["train_blocks"] == 16
+    for stage in ("ppl_before_ft", "ppl_after_ft"):
+        assert set(res[stage]) == {"ptb/valid", "ptb/test", "wikitext-2/valid", "wikitext-2/test"}
+    text = "\n".join(_load_bench("report_v2").render_lm([{**res, "cell": "random-kd/0.5/0"}]))
+    assert f"| random-kd/0.5 | {res['ppl_before_ft']['ptb/test']:.1f} | {res['ppl_after_ft']['ptb/test']:.1f} |" in text
+    assert "| dual-cp/0.5 | · | · | · | · |" in text
+
+
 def test_teacher_cell_trains_its_dense_teacher_first_and_the_v2_report_shows_it(tmp_path, minilm_path):
     import dataclasses
 

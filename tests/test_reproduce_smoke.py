@@ -291,3 +291,25 @@ def test_retraining_free_cell_prunes_a_fine_tuned_source_and_the_report_renders(
     assert rows[0]["compensation_report"]["method"] == "lstsq-seq" and rows[1]["compensation_report"]["method"] == "none"
     text = rf.render(rows)
     assert "| fisher | lstsq-seq |" in text and "| random | none |" in text and (tmp_path / "rf.png").is_file()
+
+
+def test_v2_verdict_names_the_best_strategy_and_recommends_a_default_only_on_a_significant_gain():
+    rv2 = _load_bench("report_v2")
+
+    def row(task, strategy, budget, value, ft=0):
+        return {"cell": f"{task}/{strategy}/{budget}/0/ft{ft}", "task": task, "strategy": strategy, "budget": budget,
+                "seed": 0, "ft_seed": ft, "finetune": {"best_metric": value / 100}}
+
+    rows = [row("mrpc", "dense", 1.0, 83.0), row("stsb", "dense", 1.0, 84.0)]
+    rows += [row("stsb", "dual-cp", 0.6, 80.0), row("stsb", "random", 0.6, 81.5), row("stsb", "kcm", 0.6, 79.0)]
+    text = rv2.verdict(rows)
+    assert "met on 1 of 2" in text
+    assert "STS-B 0.6: random 81.5, Dual-CP 80.0 (3 strategies run)" in text
+    assert "`--teacher`: fewer than 3 paired cells so far, so it stays opt-in" in text
+
+    # the teacher wins 8 of 8 pairs: significant, so the verdict supports making it a default
+    rows += [row(t, s, b, 70 + (2 if s == "dual-cp-kd" else 0) + ft, ft) for t in ("mrpc", "rte") for b in (0.6, 0.4)
+             for ft in (0, 1) for s in ("dual-cp", "dual-cp-kd")]
+    text = rv2.verdict(rows)
+    assert "`--teacher` gains significantly over plain fine-tuning" in text
+    assert "`--compensate lstsq` with `--teacher`: fewer than 3 paired cells so far" in text

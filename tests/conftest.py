@@ -145,6 +145,23 @@ def make_tiny_gpt2(cls_name: str = "GPT2LMHeadModel", seed: int = 0, **overrides
     return model.eval()
 
 
+def tiny_lm_on_ptb(folder: Path, shared_data: Path, rows: tuple[int, int] = (150, 50)):
+    """A fresh tiny GPT-2 LM saved with the real GPT-2 tokenizer under ``folder/gpt2``, and the first
+    ``rows`` lines of PTB train / valid under ``folder/ptb``: (tokenizer, data dir, model dir)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    data = folder / "ptb"
+    data.mkdir(parents=True)
+    for name, n in zip(("train", "valid"), rows):
+        lines = (shared_data / "lm" / "ptb" / f"{name}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+        (data / f"{name}.txt").write_text("".join(lines[:n]), encoding="utf-8")
+    model_dir = folder / "gpt2"
+    make_tiny_gpt2(vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return tok, data, model_dir
+
+
 @pytest.fixture
 def seeded():
     """Seed python, numpy and torch with 0 (tests that need other seeds use explicit generators)."""

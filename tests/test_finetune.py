@@ -68,18 +68,9 @@ def test_finetune_improves_real_minilm_on_sst2(tmp_path, minilm_path, shared_dat
 
 
 def test_lm_finetune_keeps_the_lowest_loss_epoch(tmp_path, shared_data):
-    from conftest import make_tiny_gpt2
-    from transformers import AutoTokenizer
+    from conftest import tiny_lm_on_ptb
 
-    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
-    data = tmp_path / "ptb"
-    data.mkdir()
-    for name, n in (("train", 150), ("valid", 50)):
-        lines = (shared_data / "lm" / "ptb" / f"{name}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-        (data / f"{name}.txt").write_text("".join(lines[:n]), encoding="utf-8")
-    model_dir = tmp_path / "gpt2"
-    make_tiny_gpt2(vocab_size=len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    tok, data, model_dir = tiny_lm_on_ptb(tmp_path, shared_data)
 
     out = tmp_path / "out"
     result = finetune(model_dir, "ptb", data=data, out_dir=out, epochs=2, batch_size=8, learning_rate=3e-3,

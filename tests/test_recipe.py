@@ -241,19 +241,10 @@ def test_lm_distillation_is_the_mean_next_token_kl_over_scored_positions():
 
 @pytest.mark.slow
 def test_pruned_tiny_gpt2_fine_tunes_with_its_dense_teacher(tmp_path, shared_data):
-    from conftest import make_tiny_gpt2
-    from transformers import AutoTokenizer
+    from conftest import make_tiny_gpt2, tiny_lm_on_ptb
 
-    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
-    data = tmp_path / "ptb"
-    data.mkdir()
-    for name, n in (("train", 150), ("valid", 50)):
-        lines = (shared_data / "lm" / "ptb" / f"{name}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
-        (data / f"{name}.txt").write_text("".join(lines[:n]), encoding="utf-8")
+    tok, data, dense = tiny_lm_on_ptb(tmp_path, shared_data)
     kw = dict(data=data, batch_size=8, learning_rate=3e-3, max_length=32, seed=0, progress=False)
-    dense = tmp_path / "dense"
-    make_tiny_gpt2(vocab_size=len(tok)).save_pretrained(dense)
-    tok.save_pretrained(dense)
     teacher = finetune(dense, "ptb", out_dir=tmp_path / "teacher", epochs=2, **kw)
 
     model = teacher.model

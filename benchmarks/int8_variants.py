@@ -95,8 +95,7 @@ def render(data: dict) -> str:
 def main() -> int:
     if "--report" not in sys.argv[1:]:
         measure()
-    replace_section(README, START, END, render(json.loads(RESULTS.read_text(encoding="utf-8"))),
-)
+    replace_section(README, START, END, render(json.loads(RESULTS.read_text(encoding="utf-8"))))
     return 0
 
 
@@ -116,20 +115,20 @@ def measure() -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    recipes = quantizers(calibration)
     rows, runners, tmp = [], [], Path(tempfile.mkdtemp(prefix="ppkit-int8-"))
     for name, model in models.items():
         fp32 = tmp / f"{name}.onnx"
-        export_onnx(model, fp32)
+        names = export_onnx(model, fp32).inputs
         fused = tmp / f"{name}-fused.onnx"
         export_onnx(model, fused, optimize=True)
-        names = [i.name for i in ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).get_inputs()]
         files = {"fp32": fp32}
-        for variant, quantize in quantizers(calibration).items():
+        for variant, quantize in recipes.items():
             files[variant] = tmp / f"{name}-{len(files)}.onnx"
             quantize(fp32, files[variant], names)
         files["fused fp32 (no int8)"] = fused
         files["fused + dynamic"] = tmp / f"{name}-fused-int8.onnx"
-        quantizers(calibration)["dynamic (ppkit)"](fused, files["fused + dynamic"], names)
+        recipes["dynamic (ppkit)"](fused, files["fused + dynamic"], names)
         feed = make_inputs(model, BATCH, SEQ_LEN)
         for variant, path in files.items():
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -13,13 +13,14 @@ the teacher adds. The cpu-v1 section (``make_report.py``) stays as history.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_report import README, TASK_NAMES, failed_cells, fmt, load_glue, majority_rate, score  # noqa: E402
+from make_report import README, TASK_NAMES, failed_cells, fmt, load_glue, load_lm, majority_rate, score  # noqa: E402
 from sections import replace_section  # noqa: E402
 from reproduce import LABELS, RECIPE_V2, RESULTS_BY_RECIPE, V2_BUDGETS, grid_v2, is_current  # noqa: E402
 from reproduce_lm import RECIPE_V2 as LM_RECIPE_V2  # noqa: E402
@@ -46,16 +47,11 @@ def cell_text(cells: list[dict], failed: set[str]) -> str:
 
 def load_lm_v2(results: Path = LM_RESULTS_BY_RECIPE[LM_RECIPE_V2.name]) -> list[dict]:
     """The lm-cpu-v2 cells of the small GPT-2 (``reproduce_lm.py --recipe lm-cpu-v2``) that are current."""
-    import json
-
-    rows = [json.loads(f.read_text(encoding="utf-8")) for f in sorted(results.glob("small-gpt2-here/*.json"))]
-    return [r for r in rows if r.get("recipe_key") == LM_RECIPE_V2.key()]
+    return [r for r in load_lm(results).get("small-gpt2-here", []) if r.get("recipe_key") == LM_RECIPE_V2.key()]
 
 
 def render_lm(rows: list[dict], dense_file: Path = LM_V1_RESULTS / "small-gpt2-here" / "ptb__dense__1__s0.json") -> list[str]:
     """The GPT-2 table: perplexity of each lm-cpu-v2 cell after pruning and after one full PTB epoch."""
-    import json
-
     out = ["**GPT-2** (the small GPT-2 trained here, not OpenAI's; recipe `lm-cpu-v2`: pruned to 0.5 FLOPs, then "
            "one full PTB train epoch, `-kd` with the dense model as teacher; perplexity on the first 8,192 tokens "
            "of each test split, lower is better)", ""]
@@ -173,14 +169,15 @@ def verdict(rows: list[dict]) -> str:
                 best.append(f"{TASK_NAMES[t]} {b:g}: {LABELS[top]} {ran[top]:.1f}{dcp} ({len(ran)} strategies run)")
     if best:
         parts.append("Best pruning strategy per task and budget (among those run): " + "; ".join(best) + ".")
-    for a, b in PAIRS + (("dual-cp-kd", "dual-cp"), ("dual-cp-lstsq-kd", "dual-cp")):
-        t = paired(rows, a, b)
+    steps = {("dual-cp-kd", "dual-cp"): "`--teacher`",
+             ("dual-cp-lstsq-kd", "dual-cp"): "`--compensate lstsq` with `--teacher`"}
+    tests = {pair: paired(rows, *pair) for pair in PAIRS + tuple(steps)}
+    for (a, b), t in tests.items():
         if t:
             parts.append(f"{LABELS[a]} vs {LABELS[b]}: {t['mean']:+.1f} points over {t['n']} pairs "
                          f"({t['wins']}–{t['losses']}, p = {t['p']:.2g}).")
-    for step, (a, b) in (("`--teacher`", ("dual-cp-kd", "dual-cp")),
-                         ("`--compensate lstsq` with `--teacher`", ("dual-cp-lstsq-kd", "dual-cp"))):
-        t = paired(rows, a, b)
+    for pair, step in steps.items():
+        t = tests[pair]
         if t and t["mean"] > 0 and t["p"] < DEFAULT_P:
             parts.append(f"{step} gains significantly over plain fine-tuning: the data support making it a default.")
         else:

@@ -102,6 +102,11 @@ class LMCell:
     def slug(self) -> str:
         return f"ptb__{self.strategy}__{self.budget:g}__s{self.seed}"
 
+    @property
+    def teacher(self) -> bool:
+        """Whether the fine-tune distils the dense model (``-kd`` cells)."""
+        return self.strategy.endswith("-kd")
+
     @classmethod
     def parse(cls, text: str) -> "LMCell":
         parts = text.strip().strip("/").split("/")
@@ -199,7 +204,7 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
                       batch_size=recipe.ft_batch_size, learning_rate=recipe.ft_learning_rate, max_length=window,
                       seed=recipe.finetune_seed, train_limit=recipe.ft_train_blocks, eval_limit=recipe.ft_eval_blocks,
                       progress=False, tokenizer=tokenizer, checkpoint_dir=work / "checkpoints",
-                      teacher=model_path if cell.strategy.endswith("-kd") else None)
+                      teacher=model_path if cell.teacher else None)
         out["ppl_after_ft"] = eval_perplexities(ft.model.eval(), tokenizer, recipe, window)
         out["finetune"] = {"train_seconds": sum(e.train_seconds for e in ft.epochs), "total_seconds": ft.total_seconds,
                            "train_blocks": ft.settings["train_examples"], "dev_loss": ft.best_metrics.get("loss"),

@@ -59,9 +59,11 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     if kind == "lm":
         # position i predicts token i + 1, as in the causal-LM loss: the last position has no target
         student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
-        keep = (labels[:, 1:] != -100) if labels is not None else torch.ones(student_logits.shape[:2], dtype=torch.bool,
-                                                                            device=student_logits.device)
-        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]  # [tokens, vocab]
+        if labels is not None:
+            keep = labels[:, 1:] != -100
+            student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]  # [tokens, vocab]
+        else:
+            student_logits, teacher_logits = student_logits.flatten(0, 1), teacher_logits.flatten(0, 1)
     t = temperature
     log_p_student = nn.functional.log_softmax(student_logits.float() / t, dim=-1)
     log_p_teacher = nn.functional.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -91,16 +93,14 @@ def load_teacher(teacher: str | Path | nn.Module, student: nn.Module, spec: Any,
     if spec.kind not in DISTILLED_KINDS:
         raise InputError(f"--teacher distils sentence classification / regression and causal language modelling; "
                          f"task {spec.name} is {spec.kind}")
+    from ppkit.models import load_model
+
     lm = spec.kind == "lm"
     if isinstance(teacher, nn.Module):
         model = teacher
     elif lm:  # a language model's head is its (tied) embedding: any dense causal LM directory is a teacher
-        from ppkit.models import load_model
-
         model = load_model(str(teacher), head="causal-lm", allow_pickle=allow_pickle)
     else:
-        from ppkit.models import load_model
-
         model = load_model(str(teacher), head="sequence-classification", num_labels=spec.num_labels,
                            allow_pickle=allow_pickle)
         if not _has_trained_head(Path(str(teacher))):

@@ -11,7 +11,7 @@ Pieces, each usable on plain tensors:
   not give a similarity in [0, 1] unless H = d_h). The diagonal is 1.
 * :func:`linkage_tree` — agglomerative clustering of D = 1 - C with ``"average"`` (paper),
   ``"complete"`` or ``"reference"`` (the authors' code: ``pdist(D, 'chebyshev')`` of the square D
-  taken as observations, then complete linkage).
+  taken as observations, then complete linkage; :func:`chebyshev_pdist` computes it on several threads).
 * :func:`exact_threshold` / :func:`scan_threshold` — one global distance threshold per module type
   over all layers' dendrograms that keeps at most a given number of clusters.
 * :func:`select_centroids`, :func:`select_random_members`, :func:`select_worst` — which members
@@ -152,11 +152,41 @@ def linkage_tree(dist: np.ndarray, method: str = "average") -> np.ndarray:
         # observations, so the clustered distance is max_k |D[i,k] - D[j,k]|, then complete linkage.
         # D is used as given, diagonal included: its ~1e-7 float noise enters the Chebyshev distances
         # and decides near-ties (two merge heights 6e-8 apart were seen on MiniLM), so a zeroed or
-        # symmetrised D can part from the authors' tree there. O(n^3): ~10 s per BERT-base FFN layer.
-        from scipy.spatial.distance import pdist
-
-        return linkage(pdist(d.astype(np.float64), metric="chebyshev"), method="complete")
+        # symmetrised D can part from the authors' tree there.
+        return linkage(chebyshev_pdist(d), method="complete")
     return linkage(squareform(d, checks=False), method=method)
+
+
+def chebyshev_pdist(x: np.ndarray, threads: int | None = None, block: int = 64) -> np.ndarray:
+    """``scipy.spatial.distance.pdist(x, "chebyshev")`` in float64, identical values, on ``threads`` threads.
+
+    O(n^3) and the cost of ``--linkage reference`` (~1 s per MiniLM FFN layer on one thread). Rows are
+    handed out in blocks of ``block`` to a thread pool; scipy's ``cdist`` releases the GIL, and each
+    block's distances to the rows after it are copied into the condensed vector, so every value is the
+    one ``pdist`` computes (a max of exact float64 differences: no summation order to differ).
+    ``threads`` defaults to torch's intra-op thread count (``ppkit ... --threads``).
+    """
+    from scipy.spatial.distance import cdist, pdist
+
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    n = x.shape[0]
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads <= 1 or n <= 2 * block:
+        return pdist(x, metric="chebyshev")
+    out = np.empty(n * (n - 1) // 2, dtype=np.float64)
+
+    def fill(start: int) -> None:
+        stop = min(start + block, n)
+        rows = cdist(x[start:stop], x[start:], metric="chebyshev")
+        for r, i in enumerate(range(start, stop)):
+            offset = i * n - i * (i + 1) // 2  # condensed index of the pair (i, i + 1)
+            out[offset:offset + n - i - 1] = rows[r, r + 1:]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(fill, range(0, n, block)))
+    return out
 
 
 def clusters_at(tree: np.ndarray, threshold: float | None) -> np.ndarray:

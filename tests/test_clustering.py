@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
+from scipy.spatial.distance import pdist
 
 from ppkit.clustering import (
+    chebyshev_pdist,
     clusters_at,
     count_at,
     distance_from_similarity,
@@ -259,3 +261,16 @@ def test_reference_linkage_reads_the_diagonal_of_d_like_the_authors_code():
     sim = 1.0 - noisy
     assert distance_from_similarity(sim, zero_diagonal=False)[2, 2] == pytest.approx(1e-6, abs=1e-7)
     assert distance_from_similarity(sim)[2, 2] == 0.0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_chebyshev_distance_equals_scipys_pdist_bit_for_bit(threads):
+    """Reference linkage's distances on several threads are scipy's values exactly (ties stay ties), for a
+    row count that is not a multiple of the block and a float32 D with diagonal noise like the authors'."""
+    rng = np.random.default_rng(0)
+    d = rng.random((203, 203)).astype(np.float32)
+    np.fill_diagonal(d, np.float32(1e-6))
+    d[7] = d[11]  # an exact tie between two rows
+    ours = chebyshev_pdist(d, threads=threads, block=16)
+    expected = pdist(d.astype(np.float64), metric="chebyshev")
+    assert ours.dtype == np.float64 and np.array_equal(ours, expected)

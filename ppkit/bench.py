@@ -30,14 +30,13 @@ from .errors import InputError
 from .export import (
     available_cores,
     export_onnx,
-    infer_head,
     input_names_for,
     max_sequence_length,
     model_family,
     ort_session,
-    saved_head,
     uses_token_type_ids,
 )
+from .models import infer_head, saved_head
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ def load_teacher(teacher: str | Path | nn.Module, student: nn.Module, spec: Any,
 
 
 def _has_trained_head(path: Path) -> bool:
-    from ppkit.export import saved_head
+    from ppkit.models import saved_head
 
     head = saved_head(path)
     return head is None or head == "sequence-classification"  # None: a hub name, trusted

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, InputError, ModelLoadError, OutputError
+from .models import head_from_config, infer_head
 
 log = logging.getLogger(__name__)
 
@@ -86,44 +87,6 @@ class ExportReport:
 
 
 # ----------------------------------------------------------------------------- model inspection
-def infer_head(model: nn.Module) -> str:
-    """The head name of a transformers model from its class ("base", "sequence-classification", ...)."""
-    return head_from_class_name(type(model).__name__)
-
-
-def head_from_class_name(name: str) -> str:
-    """The head name for a model class name such as "BertForSequenceClassification" or "GPT2LMHeadModel"."""
-    if name.endswith("ForSequenceClassification"):
-        return "sequence-classification"
-    if name.endswith("ForQuestionAnswering"):
-        return "question-answering"
-    if name.endswith(("LMHeadModel", "ForCausalLM")):
-        return "causal-lm"
-    if name.endswith("ForMaskedLM"):
-        return "masked-lm"
-    if name.endswith("ForTokenClassification"):
-        return "token-classification"
-    return "base"
-
-
-def head_from_config(config: dict[str, Any]) -> str:
-    """The head recorded in a config.json dictionary (its first ``architectures`` entry)."""
-    archs = config.get("architectures") or []
-    if not archs:
-        return "base"
-    return head_from_class_name(str(archs[0]))
-
-
-def saved_head(folder: str | Path) -> str | None:
-    """The head a checkpoint directory was saved with (:func:`head_from_config` of its config.json), or
-    None when there is no readable config.json (a hub name)."""
-    try:
-        config = json.loads((Path(str(folder)) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return head_from_config(config)
-
-
 def is_decoder_model(model: nn.Module) -> bool:
     """True for causal LMs (GPT-2, Llama-style): exported without cache and without token_type_ids."""
     from .modeling_pruned import LLAMA_SHAPED

@@ -386,6 +386,44 @@ def _model_class(family: str, head: str, pooling: str | None) -> type:
     return PPKIT_CLASSES[name]
 
 
+def infer_head(model: nn.Module) -> str:
+    """The head name of a transformers model from its class ("base", "sequence-classification", ...)."""
+    return head_from_class_name(type(model).__name__)
+
+
+def head_from_class_name(name: str) -> str:
+    """The head name for a model class name such as "BertForSequenceClassification" or "GPT2LMHeadModel"."""
+    if name.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    if name.endswith("ForQuestionAnswering"):
+        return "question-answering"
+    if name.endswith(("LMHeadModel", "ForCausalLM")):
+        return "causal-lm"
+    if name.endswith("ForMaskedLM"):
+        return "masked-lm"
+    if name.endswith("ForTokenClassification"):
+        return "token-classification"
+    return "base"
+
+
+def head_from_config(config: dict[str, Any]) -> str:
+    """The head recorded in a config.json dictionary (its first ``architectures`` entry)."""
+    archs = config.get("architectures") or []
+    if not archs:
+        return "base"
+    return head_from_class_name(str(archs[0]))
+
+
+def saved_head(folder: str | Path) -> str | None:
+    """The head a checkpoint directory was saved with (:func:`head_from_config` of its config.json), or
+    None when there is no readable config.json (a hub name)."""
+    try:
+        config = json.loads((Path(str(folder)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return head_from_config(config)
+
+
 #: a checkpoint's task head, recognised from its architectures (a fine-tuned model keeps it when pruned)
 _TASK_HEADS = ("sequence-classification", "question-answering", "token-classification")
 
@@ -395,8 +433,6 @@ def pruning_head(name_or_path: str | Path) -> str:
     QA, token classification); a decoder (GPT-2, Llama-style) keeps its language-modelling head (how
     decoders are used: ``generate``, logits in ONNX); a pre-trained encoder body is pruned without a
     head ("base")."""
-    from .export import head_from_config
-
     local = _local_dir(name_or_path)
     if local is not None:
         config = _read_config(local)
@@ -437,4 +473,4 @@ def load_tokenizer(name_or_path: str | Path, **kwargs: Any) -> Any:
     return tokenizer
 
 
-__all__ = ["HEADS", "HEAD_CLASSES", "load_model", "load_tokenizer", "pruning_head"]
+__all__ = ["HEADS", "HEAD_CLASSES", "head_from_config", "infer_head", "load_model", "load_tokenizer", "pruning_head", "saved_head"]

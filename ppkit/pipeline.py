@@ -182,7 +182,7 @@ def prune(
             net = load_model(model, head=pruning_head(model), allow_pickle=allow_pickle)
             tokenizer = tokenizer or load_tokenizer(model)
         net.eval()
-        from .export import infer_head
+        from .models import infer_head
 
         head = infer_head(net)
         adapter = get_adapter(net)

@@ -212,7 +212,7 @@ def _family_of(path: Path) -> str | None:
 
 def _has_head(path: Path, head: str) -> bool:
     """Whether the checkpoint at ``path`` was saved with ``head`` (then it is trained, not fresh)."""
-    from ppkit.export import saved_head
+    from ppkit.models import saved_head
 
     return saved_head(path) == head
 

@@ -357,7 +357,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime / torch intra-op threads (default: all available cores)."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the JSON report to this file."),
     int8: bool = typer.Option(False, "--int8", help="Also time (and score) each model's onnxruntime int8 variant in the same rounds; a quality-vs-latency plot goes beside --plot."),
-    fp16: bool = typer.Option(False, "--fp16", help="Also time (and score) each model's fp16 onnxruntime variant in the same rounds (for --device cuda; on CPU onnxruntime runs fp16 through casts, slower than fp32)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also time (and score) each model's fp16 variant in the same rounds: its onnxruntime fp16 export, or with --backend torch the model in half precision (for --device cuda; on CPU fp16 runs slower than fp32)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency and quality vs FLOPs ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON report on stdout (the table goes to stderr)."),
     decode: bool = typer.Option(False, "--decode", help="Causal LMs: greedy-decode throughput (tokens/s) with the KV cache instead of forward latency; --backend both times torch generate and onnxruntime."),

@@ -10,6 +10,7 @@ per available core. Quality is computed separately (with torch) and only when a 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -227,8 +228,15 @@ class _Loaded:
     model: nn.Module
     tokenizer: Any = None
     state: str = "in memory"
-    precision: str = "fp32"  # "int8" / "fp16": the same model converted for onnxruntime (ppkit.quantize)
+    precision: str = "fp32"  # "int8" / "fp16": onnxruntime's conversion at export, or (torch, fp16) a half copy
     session: Any = None  # its onnxruntime session, once exported
+
+
+def _variant(entry: _Loaded, precision: str, backend: str) -> _Loaded:
+    """``entry``'s int8 / fp16 variant: onnxruntime converts the fp32 model at export; torch runs an fp16
+    copy of it (``.half()``: weights and compute in half precision, as on a GPU)."""
+    model = copy.deepcopy(entry.model).half() if backend == "torch" else entry.model
+    return _Loaded(f"{entry.name} · {precision}", entry.source, model, entry.tokenizer, entry.state, precision)
 
 
 def model_state(source: str | Path, head: str) -> str:
@@ -569,8 +577,9 @@ def benchmark(
     ONNX files go to a temporary directory unless ``onnx_dir`` is given. ``int8`` adds, for every model
     and the baseline, its onnxruntime int8 variant (:mod:`ppkit.quantize`), timed in the same rounds;
     its quality is measured in onnxruntime (sentence classification / regression tasks); ``fp16`` does
-    the same with the half-precision variant (meant for ``device="cuda"``: onnxruntime's CPU provider
-    runs it through casts, slower than fp32).
+    the same with the half-precision variant: with backend "ort" its fp16 export, with backend "torch"
+    a ``.half()`` copy of the model (timed and scored in torch). fp16 is meant for ``device="cuda"``
+    (for torch CUDA without onnxruntime-gpu, use backend "torch"); on CPU it runs, slower than fp32.
     Writes the report as JSON to ``json_out`` and a PNG to ``plot`` when given.
     """
     started = time.perf_counter()
@@ -592,8 +601,11 @@ def benchmark(
     if eval_limit is not None and eval_limit < 1:
         raise InputError(f"eval_limit must be a positive integer, got {eval_limit}")
     precisions = [name for name, wanted in (("int8", int8), ("fp16", fp16)) if wanted]
-    if precisions and backends != ["ort"]:
-        raise InputError(f"{' and '.join(precisions)} variants run in onnxruntime: use backend 'ort'")
+    if int8 and backends != ["ort"]:
+        raise InputError("int8 variants run in onnxruntime: use backend 'ort'")
+    if fp16 and len(backends) > 1:
+        raise InputError("fp16 variants run in one backend: use backend 'ort' (onnxruntime fp16 export) or "
+                         "'torch' (the model in half precision), not both")
     from .saving import check_output_file
 
     for path, flag in ((json_out, "json_out"), (plot, "plot")):
@@ -621,8 +633,7 @@ def benchmark(
         for entry in loaded[1:]:
             check_compatible(loaded[0].model, entry.model, (loaded[0].name, entry.name))
     if precisions:  # each model's variants right after it: the baseline stays first
-        loaded = [v for e in loaded for v in (e, *(_Loaded(f"{e.name} · {p}", e.source, e.model, e.tokenizer, e.state, p)
-                                                   for p in precisions))]
+        loaded = [v for e in loaded for v in (e, *(_variant(e, p, backends[0]) for p in precisions))]
         roles = [r for role in roles for r in (role, *["model"] * len(precisions))]
     for entry in loaded:
         entry.model.to(device)
@@ -640,8 +651,9 @@ def benchmark(
                              f"{task_spec.name} --out DENSE-FT, then --baseline DENSE-FT)")
                 warnings.warn(notes[-1], stacklevel=2)
     if fp16 and device != "cuda":
-        notes.append("fp16 variants on CPU: onnxruntime casts around the ops it has no fp16 kernels for, so they "
-                     "run slower than fp32 here; their latency means something with --device cuda")
+        notes.append("fp16 variants on CPU: " + ("onnxruntime casts around the ops it has no fp16 kernels for"
+                                                 if backends == ["ort"] else "torch has few fast half-precision CPU kernels")
+                     + ", so they run slower than fp32 here; their latency means something with --device cuda")
     if baseline is not None:
         base = results[0]
         for res in results:
@@ -658,7 +670,7 @@ def benchmark(
             for entry, res in zip(loaded, results):
                 res.quality = evaluate_quality(entry.model, entry.tokenizer, task_spec.name, data=data,
                                                limit=eval_limit, device=device,
-                                               session=entry.session if entry.precision != "fp32" else None)
+                                               session=entry.session if entry.precision != "fp32" and entry.session is not None else None)
                 bar.advance()
     finally:
         bar.stop()

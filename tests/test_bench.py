@@ -259,5 +259,35 @@ def test_bench_times_int8_and_fp16_variants_in_the_same_rounds_and_scores_them_i
     assert (tmp_path / "b.png").is_file() and (tmp_path / "b-pareto.png").is_file()
     with pytest.raises(InputError, match="int8 variants run in onnxruntime"):
         benchmark([tuned], backend="torch", int8=True, batch_sizes=[1], seq_len=8, repeats=1)
-    with pytest.raises(InputError, match="fp16 variants run in onnxruntime"):
-        benchmark([tuned], backend="torch", fp16=True, batch_sizes=[1], seq_len=8, repeats=1)
+    with pytest.raises(InputError, match="fp16 variants run in one backend"):
+        benchmark([tuned], backend="both", fp16=True, batch_sizes=[1], seq_len=8, repeats=1)
+
+
+def test_bench_torch_fp16_variant_runs_a_half_copy_and_scores_it_in_torch(tmp_path, shared_data, minilm_path):
+    """--backend torch --fp16 (torch CUDA without onnxruntime-gpu): each model's variant is a .half() copy
+    of it, pruned uneven heads included; the fp32 model stays fp32 and the half copy's SST-2 predictions
+    match it (same 32 dev sentences)."""
+    from ppkit.models import load_tokenizer
+
+    tok = load_tokenizer(minilm_path)
+    dense = make_tiny_bert("BertForSequenceClassification", seed=0, vocab_size=tok.vocab_size, max_position_embeddings=128)
+    pruned = prune_model(make_tiny_bert("BertForSequenceClassification", seed=0, vocab_size=tok.vocab_size,
+                                        max_position_embeddings=128), plan_for(dense, seed=4, kind="zeros"))
+    report = benchmark([pruned], baseline=dense, names=["pruned"], baseline_name="dense", tokenizer=tok, task="sst2",
+                       data=shared_data / "glue" / "SST-2", eval_limit=32, backend="torch", fp16=True,
+                       batch_sizes=[2], seq_len=16, repeats=2, warmup=0)
+
+    assert [(m.name, m.precision) for m in report.models] == [
+        ("dense", "fp32"), ("dense · fp16", "fp16"), ("pruned", "fp32"), ("pruned · fp16", "fp16")]
+    assert all(m.latency[0].backend == "torch" and m.latency[0].speedup for m in report.models)
+    assert next(pruned.parameters()).dtype == torch.float32 and next(dense.parameters()).dtype == torch.float32
+    assert report.models[3].params == report.models[2].params < report.models[0].params
+    for fp32, half in ((report.models[0], report.models[1]), (report.models[2], report.models[3])):
+        assert abs(half.quality["accuracy"] - fp32.quality["accuracy"]) <= 1 / 32
+    assert any("torch has few fast half-precision CPU kernels" in note for note in report.settings["notes"])
+    from ppkit.bench import _Loaded, _variant
+
+    entry = _Loaded("pruned", "in memory", pruned)
+    half = _variant(entry, "fp16", "torch").model
+    assert half is not pruned and {p.dtype for p in half.parameters()} == {torch.float16}
+    assert _variant(entry, "fp16", "ort").model is pruned  # onnxruntime converts at export

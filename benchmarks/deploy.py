@@ -1,9 +1,11 @@
-"""Deployment latency under onnxruntime CPU: pruning x int8 x aligned FFN widths (issue 18).
+"""Deployment latency: pruning x int8 (CPU) or fp16 (CUDA) x aligned FFN widths (issue 18).
 
 Per shape and intra-op thread count, one :func:`ppkit.bench.benchmark` run times, in the same
 interleaved rounds: dense fp32 (the baseline), and at FLOPs 0.6 and 0.5 the pruned model with the
 FFN widths the strategy chose and aligned to multiples of 8 and 64 (``--multiple-of``), every model
-also as onnxruntime dynamic int8 (``ppkit export --quantize int8``). Shapes:
+also as onnxruntime dynamic int8 (``ppkit export --quantize int8``) on CPU, or, with ``--device cuda``,
+in torch CUDA fp32 and fp16 (``bench --backend torch --fp16``: the GPU machine lent here has no
+onnxruntime-gpu). Shapes:
 
 * **minilm**: all-MiniLM-L6-v2 fine-tuned on STS-B (the retraining-free source, fine-tuned through
   ``reproduce.py`` when missing), pruned by fisher + ``lstsq-seq`` (usable without training), so the
@@ -14,6 +16,7 @@ also as onnxruntime dynamic int8 (``ppkit export --quantize int8``). Shapes:
     python benchmarks/deploy.py              # about 25 min on 2 idle cores; writes results/deploy_cpu.json + README
     python benchmarks/deploy.py --report     # README section only, from the JSON
     python benchmarks/deploy.py --quick      # smoke run (few repeats, MiniLM at 0.6 only)
+    python benchmarks/deploy.py --device cuda  # on a GPU: results/deploy_cuda.json + its README section
 """
 
 from __future__ import annotations
@@ -30,14 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sections import replace_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "deploy_cpu.json"
 README = HERE / "README.md"
-START, END = "<!-- deploy:start -->", "<!-- deploy:end -->"
 BUDGETS = (0.6, 0.5)
 MULTIPLES = (1, 8, 64)
-#: shape -> batch sizes timed (BERT-base at batch 8 would take most of an hour on one thread)
-BATCHES = {"minilm": (1, 8), "bert-base": (1,)}
+#: device -> shape -> batch sizes timed (BERT-base at batch 8 would take most of an hour on one CPU thread)
+BATCHES = {"cpu": {"minilm": (1, 8), "bert-base": (1,)}, "cuda": {"minilm": (1, 32), "bert-base": (1, 32)}}
+PRECISION = {"cpu": "int8", "cuda": "fp16"}  # the low-precision variant timed beside each model
 SEQ_LEN = 128
+
+
+def results_path(device: str) -> Path:
+    return HERE / "results" / f"deploy_{device}.json"
+
+
+def markers(device: str) -> tuple[str, str]:
+    name = "deploy" if device == "cpu" else f"deploy-{device}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def minilm_models(budgets, multiples, samples: int):
@@ -82,7 +93,7 @@ def _name(budget: float, multiple: int) -> str:
     return f"{budget:g}" + (f" x{multiple}" if multiple > 1 else "")
 
 
-def measure(shape: str, threads: list[int], repeats: int, budgets, multiples, samples: int) -> list[dict]:
+def measure(shape: str, threads: list[int], repeats: int, budgets, multiples, samples: int, device: str) -> list[dict]:
     from ppkit.bench import benchmark
 
     dense, models, tokenizer = (minilm_models(budgets, multiples, samples) if shape == "minilm"
@@ -92,10 +103,11 @@ def measure(shape: str, threads: list[int], repeats: int, budgets, multiples, sa
         quality = shape == "minilm" and i == 0  # quality does not depend on the thread count
         report = benchmark(list(models.values()), baseline=dense, names=list(models), baseline_name="dense",
                            tokenizer=tokenizer, task="stsb" if quality else None,
-                           data=_stsb_dir() if quality else None, quality=quality, int8=True, threads=t,
-                           batch_sizes=BATCHES[shape], seq_len=SEQ_LEN, repeats=repeats, warmup=2, progress=True)
+                           data=_stsb_dir() if quality else None, quality=quality, threads=t, device=device,
+                           backend="ort" if device == "cpu" else "torch", int8=device == "cpu", fp16=device == "cuda",
+                           batch_sizes=BATCHES[device][shape], seq_len=SEQ_LEN, repeats=repeats, warmup=2, progress=True)
         runs.append({"threads": t, "loadavg_1m_after": os.getloadavg()[0], **_compact(report.to_dict())})
-        print(f"{shape} threads={t}: " + ", ".join(f"{m['name']} {_ratio(m, BATCHES[shape][-1]):.2f}"
+        print(f"{shape} threads={t}: " + ", ".join(f"{m['name']} {_ratio(m, BATCHES[device][shape][-1]):.2f}"
                                                       for m in runs[-1]["models"]), file=sys.stderr)
     return runs
 
@@ -119,15 +131,22 @@ def _ratio(model: dict, batch: int) -> float:
 
 
 def render(data: dict) -> str:
-    out = [START, "", "## Deployment: pruning x int8 x aligned widths (onnxruntime CPU)", "",
+    device = data.get("device", "cpu")
+    start, end = markers(device)
+    runtime = ("onnxruntime CPU, ORT_ENABLE_ALL, spinning off" if device == "cpu"
+               else f"torch CUDA on {data['machine'].get('gpu', 'a GPU')}")
+    low = ("int8: `ppkit export --quantize int8`" if device == "cpu"
+           else "fp16: the model in half precision (`ppkit bench --backend torch --fp16`)")
+    out = [start, "", f"## Deployment: pruning x {PRECISION[device]} x aligned widths ({runtime.split(',')[0]})", "",
            f"Generated by `{data['command']}` on {data['date']} ({data['minutes']:.0f} min). Latency is relative to "
-           "dense fp32 (p50 over interleaved rounds of all variants of one shape, same inputs, ORT_ENABLE_ALL, "
-           "spinning off, sequence 128); `x8` / `x64`: `--multiple-of 8` / `64` (every layer's FFN width a "
-           "multiple, inside the budget); int8: `ppkit export --quantize int8`. MiniLM: all-MiniLM-L6-v2 "
+           f"dense fp32 (p50 over interleaved rounds of all variants of one shape, same inputs, {runtime}, "
+           "sequence 128); `x8` / `x64`: `--multiple-of 8` / `64` (every layer's FFN width a "
+           f"multiple, inside the budget); {low}. MiniLM: all-MiniLM-L6-v2 "
            "fine-tuned on STS-B, pruned by fisher + `lstsq-seq` without training, STS-B dev Spearman x100 "
            "beside; BERT-base: random weights, uniform plans, latency only. " + data["note"], ""]
     for shape, runs in data["shapes"].items():
-        cols = [(run["threads"], b) for run in runs for b in BATCHES[shape]]
+        batches = BATCHES[device][shape]
+        cols = [(run["threads"], b) for run in runs for b in batches]
         quality = {m["name"]: m["quality"] for m in runs[0]["models"] if m.get("quality")}
         out += [f"**{shape}**", "", "| variant | FFN width per layer | FLOPs | " + " | ".join(
             f"{t} thr b{b}" for t, b in cols) + (" | STS-B |" if quality else " |"),
@@ -135,26 +154,25 @@ def render(data: dict) -> str:
         by_run = [{m["name"]: m for m in run["models"]} for run in runs]
         for name, m in by_run[0].items():
             widths = m["neurons_per_layer"] if len(set(m["neurons_per_layer"])) > 1 else [f"{m['neurons_per_layer'][0]} (all)"]
-            cells = [f"{_ratio(by_run[i][name], b):.2f}" for i, run in enumerate(runs) for b in BATCHES[shape]]
+            cells = [f"{_ratio(by_run[i][name], b):.2f}" for i, run in enumerate(runs) for b in batches]
             q = quality.get(name, {}).get("spearman")
             out.append(f"| {name} | {', '.join(map(str, widths))} | {m['flops']['ratio_vs_baseline']:.3f} | "
                        + " | ".join(cells) + (f" | {100 * q:.1f} |" if quality else " |"))
-        out += ["", _summary(shape, runs), ""]
-    out.append(END)
+        out += ["", _summary(runs, batches[-1], PRECISION[device]), ""]
+    out.append(end)
     return "\n".join(out) + "\n"
 
 
-def _summary(shape: str, runs: list[dict]) -> str:
+def _summary(runs: list[dict], batch: int, low: str) -> str:
     """The ratios at 0.6 and what alignment changes, per thread count, at the largest batch timed."""
-    batch = BATCHES[shape][-1]
     parts, spread = [], []
     for run in runs:
         r = {m["name"]: _ratio(m, batch) for m in run["models"]}
         if "0.6" in r:
-            parts.append(f"{run['threads']} thread(s): pruned fp32 {r['0.6']:.2f}, dense int8 {r['dense · int8']:.2f}, "
-                         f"pruned int8 {r['0.6 · int8']:.2f}")
+            parts.append(f"{run['threads']} thread(s): pruned fp32 {r['0.6']:.2f}, dense {low} {r[f'dense · {low}']:.2f}, "
+                         f"pruned {low} {r[f'0.6 · {low}']:.2f}")
         for budget in BUDGETS:
-            for precision in ("", " · int8"):
+            for precision in ("", f" · {low}"):
                 aligned = [r[n] for n in (f"{budget:g} x{m}{precision}" for m in MULTIPLES[1:]) if n in r]
                 if f"{budget:g}{precision}" in r and aligned:
                     spread += [a / r[f"{budget:g}{precision}"] - 1 for a in aligned]
@@ -173,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--samples", type=int, default=512, help="calibration samples for MiniLM's pruning")
     p.add_argument("--shapes", default="minilm,bert-base")
+    p.add_argument("--device", choices=sorted(PRECISION), default="cpu",
+                   help="cpu: onnxruntime fp32 + int8 at 1 and 2 threads; cuda: torch fp32 + fp16")
     args = p.parse_args(argv)
+    results = results_path(args.device)
     if not args.report:
         from ppkit.bench import machine_info
 
@@ -182,18 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         threads, budgets, multiples = ([1], BUDGETS[:1], MULTIPLES) if args.quick else ([1, 2], BUDGETS, MULTIPLES)
         if args.quick:
             shapes = ["minilm"]
-        data = {"command": "python benchmarks/deploy.py" + (f" --repeats {args.repeats}" if args.repeats != 15 else ""),
-                "date": time.strftime("%Y-%m-%d"), "machine": machine_info(),
-                "shapes": {s: measure(s, threads, 2 if args.quick else args.repeats, budgets, multiples, args.samples)
-                           for s in shapes}}
+        if args.device == "cuda":
+            threads = [1]  # torch's CPU threads barely matter to CUDA kernels
+        command = "python benchmarks/deploy.py" + (f" --repeats {args.repeats}" if args.repeats != 15 else "") + (
+            f" --device {args.device}" if args.device != "cpu" else "")
+        data = {"command": command, "date": time.strftime("%Y-%m-%d"), "device": args.device,
+                "machine": machine_info(args.device),
+                "shapes": {s: measure(s, threads, 2 if args.quick else args.repeats, budgets, multiples, args.samples,
+                                      args.device) for s in shapes}}
         data["minutes"] = (time.time() - t0) / 60
         data["note"] = (f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the end "
                         "(other jobs on the cores add noise to every ratio alike).")
         if args.quick:
             print(render(data))
             return 0
-        RESULTS.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    replace_section(README, START, END, render(json.loads(RESULTS.read_text(encoding="utf-8"))))
+        results.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    replace_section(README, *markers(args.device), render(json.loads(results.read_text(encoding="utf-8"))))
     print(f"wrote {README}", file=sys.stderr)
     return 0
 

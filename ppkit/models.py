@@ -59,8 +59,6 @@ def quiet_transformers() -> Iterator[None]:
 
 def class_for_head(family: str, head: str) -> str:
     """transformers class name for ``head`` in ``family``; :class:`~ppkit.errors.InputError` if unavailable."""
-    from .errors import InputError
-
     heads = HEAD_CLASSES.get(family)
     if heads is None:
         raise InputError(f"unknown model family {family!r}; known: {', '.join(HEAD_CLASSES)}")
@@ -325,10 +323,8 @@ def load_model(
     if head not in HEADS:
         raise InputError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
     if pooling is not None:
-        from .modeling_pruned import POOLINGS
-
-        if pooling not in POOLINGS:
-            raise InputError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
+        if pooling not in modeling_pruned.POOLINGS:
+            raise InputError(f"unknown pooling {pooling!r}; choose one of: {', '.join(modeling_pruned.POOLINGS)}")
         if head != "sequence-classification":
             raise InputError(f"pooling applies to the sequence-classification head, not {head!r}")
     if num_labels is not None:
@@ -376,14 +372,12 @@ def _model_class(family: str, head: str, pooling: str | None) -> type:
     """The transformers class for ``head``, or ppkit's subclass of it when a pooling is asked for."""
     import transformers
 
-    from .modeling_pruned import PPKIT_CLASSES
-
     name = class_for_head(family, head)
     if pooling is None:
         return getattr(transformers, name)
     if family != "bert":
         raise InputError(f"--pooling is available for BERT classifiers; {family} keeps its own head")
-    return PPKIT_CLASSES[name]
+    return modeling_pruned.PPKIT_CLASSES[name]
 
 
 def infer_head(model: nn.Module) -> str:

@@ -164,7 +164,7 @@ def chebyshev_pdist(x: np.ndarray, threads: int | None = None, block: int = 64) 
     handed out in blocks of ``block`` to a thread pool; scipy's ``cdist`` releases the GIL, and each
     block's distances to the rows after it are copied into the condensed vector, so every value is the
     one ``pdist`` computes (a max of exact float64 differences: no summation order to differ).
-    ``threads`` defaults to torch's intra-op thread count (``ppkit ... --threads``).
+    ``threads`` defaults to torch's intra-op thread count (every core unless ``OMP_NUM_THREADS`` is set).
     """
     from scipy.spatial.distance import cdist, pdist
 

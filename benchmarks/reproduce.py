@@ -27,6 +27,10 @@ Pruned and fine-tuned weights go to a cache directory outside the repo (``~/.cac
     python benchmarks/reproduce.py --list                            # show the grid and what is done
     python benchmarks/reproduce.py & python benchmarks/reproduce.py  # two runners share the grid (cell locks)
     python benchmarks/make_report.py                                 # tables + plots into README.md
+
+Run a long grid from its own checkout (``git worktree add ../ppkit-runner`` and ``PYTHONPATH`` set to it):
+parts of ppkit are imported only when a cell is written, so editing the working tree under a running
+cell can make it fail at its end (it happened here: two 40-minute cells lost to a moved function).
 """
 
 from __future__ import annotations

@@ -434,11 +434,7 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
                            "seed": cell.seed, "label": LABELS[cell.strategy]}
     if cell.ft_seed:
         out["ft_seed"] = cell.ft_seed
-    teacher = None
-    if cell.teacher:
-        teacher = teacher_dir(cell.task, recipe, cache_dir)
-        if not teacher.is_dir():
-            _run_cell(Cell(cell.task, "dense", 1.0), recipe, results_dir, cache_dir, model_path, False, command)
+    teacher = ensure_teacher(cell.task, recipe, results_dir, cache_dir, model_path, command) if cell.teacher else None
     try:
         from ppkit.errors import BudgetError
 
@@ -495,6 +491,27 @@ def _run_cell(cell: Cell, recipe: Recipe, results_dir: Path, cache_dir: Path, mo
         if not keep_models:
             shutil.rmtree(work, ignore_errors=True)
     return _write(results_dir, cell, out, recipe, start, load_before, model_path, command), True
+
+
+def ensure_teacher(task: str, recipe: Recipe = RECIPE, results_dir: Path = RESULTS, cache_dir: Path = CACHE,
+                   model_path: Path = MINILM, command: str | None = None) -> Path:
+    """The dense fine-tuned model of ``task``, fine-tuned (the dense cell, recomputed) when the cache lacks
+    it, e.g. on a fresh machine where the dense cell's JSON is committed but its weights are not. Two
+    runners that need it at once fine-tune it once: the second waits for the first."""
+    path = teacher_dir(task, recipe, cache_dir)
+    while not path.is_dir():
+        lock = claim(path.with_name(path.name + ".lock"))
+        if lock is None:
+            time.sleep(30)  # another runner is fine-tuning it
+            continue
+        try:
+            if not path.is_dir():
+                _run_cell(Cell(task, "dense", 1.0), recipe, results_dir, cache_dir, model_path, False, command)
+        finally:
+            lock.unlink(missing_ok=True)
+        if not path.is_dir():
+            raise RuntimeError(f"the dense {task} cell of recipe {recipe.name} keeps no teacher (cpu-v2 recipes do)")
+    return path
 
 
 def teacher_dir(task: str, recipe: Recipe, cache_dir: Path) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sections import replace_section  # noqa: E402
-from reproduce import CACHE, GLUE, RECIPE, TASK_DIRS, Cell, machine, run_cell, teacher_dir  # noqa: E402
+from reproduce import GLUE, RECIPE, TASK_DIRS, ensure_teacher, machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "retraining_free"
@@ -76,10 +76,7 @@ def slug(cell: tuple) -> str:
 
 def source(task: str) -> Path:
     """The dense fine-tuned model of ``task`` (fine-tuned through reproduce.py's dense cell if missing)."""
-    path = teacher_dir(task, RECIPE, CACHE)
-    if not path.is_dir():
-        run_cell(Cell(task, "dense", 1.0))
-    return path
+    return ensure_teacher(task)
 
 
 def max_length(task: str, config) -> int:

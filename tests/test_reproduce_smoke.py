@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -245,7 +246,12 @@ def test_teacher_cell_trains_its_dense_teacher_first_and_the_v2_report_shows_it(
     assert settings["distill"] == {"weight": 0.5, "temperature": 2.0, "hidden_weight": 0.0} and settings["seed"] == 1
     assert settings["pooling"] == "mean" and settings["head_init"]["bias"] == "label mean"
     dense = json.loads((results / "stsb__dense__1__s0.json").read_text())  # the teacher's own cell
-    assert (rp.teacher_dir("stsb", recipe, cache) / "model.safetensors").is_file()
+    teacher = rp.teacher_dir("stsb", recipe, cache)
+    assert (teacher / "model.safetensors").is_file()
+    # a fresh machine: the dense cell's JSON is there (committed) but not its weights -> fine-tuned again
+    shutil.rmtree(teacher)
+    assert rp.ensure_teacher("stsb", recipe, results, cache, Path(minilm_path)) == teacher
+    assert (teacher / "model.safetensors").is_file()
     text = _load_bench("report_v2").render([dense, res])
     assert "| STS-B | 1 | 16 | 0.0001 |" in text
     assert "| Dual-CP + --teacher | · | · | " in text and "of 164 cells" in text

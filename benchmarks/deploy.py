@@ -136,7 +136,7 @@ def render(data: dict) -> str:
     start, end = markers(device, label)
     cpu = data["machine"].get("cpu", "a CPU")
     if "cpu_int8_features" in data["machine"]:
-        cpu += f" (int8 instructions: {', '.join(data['machine']['cpu_int8_features']) or 'none, AVX2 only'})"
+        cpu += f" (int8 instructions: {', '.join(data['machine']['cpu_int8_features']) or 'none: no VNNI or AMX'})"
     runtime = (f"onnxruntime CPU on {cpu}, ORT_ENABLE_ALL, spinning off" if device == "cpu"
                else f"torch CUDA on {data['machine'].get('gpu', 'a GPU')}")
     low = ("int8: `ppkit export --quantize int8`" if device == "cpu"

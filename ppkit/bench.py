@@ -154,15 +154,20 @@ class BenchReport:
 
 
 # ----------------------------------------------------------------------------- environment
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo where there is one)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in /proc/cpuinfo (None where there is no such file or field)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 #: CPU flags that give onnxruntime's int8 matmuls dedicated instructions (int8 gains much more with them)
@@ -171,14 +176,8 @@ INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 def cpu_int8_features() -> list[str]:
     """Which of :data:`INT8_CPU_FLAGS` this CPU has (empty where /proc/cpuinfo is missing)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return [f for f in INT8_CPU_FLAGS if f in flags]
-    except OSError:
-        pass
-    return []
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in INT8_CPU_FLAGS if f in flags]
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:

@@ -173,6 +173,7 @@ def verdict(rows: list[dict]) -> str:
     if best:
         parts.append("Best pruning strategy per task and budget (among those run): " + "; ".join(best) + ".")
     steps = {("dual-cp-kd", "dual-cp"): "`--teacher`",
+             ("dual-cp-lstsq", "dual-cp"): "`--compensate lstsq`",
              ("dual-cp-lstsq-kd", "dual-cp"): "`--compensate lstsq` with `--teacher`"}
     tests = {pair: paired(rows, *pair) for pair in PAIRS + tuple(steps)}
     for (a, b), t in tests.items():

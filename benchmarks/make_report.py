@@ -36,7 +36,8 @@ TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "rte": "RTE"}
 METRIC_NAMES = {"accuracy": "accuracy", "spearman": "Spearman"}
 MAIN = ("dual-cp", "random", "kcm", "worst")
 NAMES = {"dense": "dense", "dual-cp": "Dual-CP", "dual-cp-mc": "+MC", "random": "random", "kcm": "KCM",
-         "worst": "worst", "dual-cp-lstsq": "Dual-CP + lstsq", "random-lstsq": "random + lstsq"}
+         "worst": "worst", "dual-cp-lstsq": "Dual-CP + lstsq", "random-lstsq": "random + lstsq",
+         "dual-cp-lstsq-kd": "Dual-CP + lstsq + teacher", "random-lstsq-kd": "random + lstsq + teacher"}
 COLORS = {"dual-cp": "tab:red", "random": "tab:gray", "kcm": "tab:blue", "worst": "tab:green",
           "dual-cp-mc": "tab:orange"}
 PAPER_SPEEDUP = 1.8  # the paper's reported fine-tuning speedup at 60% FLOPs (MNLI), quoted for comparison
@@ -364,9 +365,10 @@ def speedup_lines(rows: list[dict]) -> list[str]:
 
 
 def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric x100", title: str = "",
-              failed: set[str] = frozenset()) -> bool:
-    """One panel per task: ``key`` vs FLOPs ratio, a line per strategy, dense dashed; points with a
-    fine-tune in ``failed`` get a black cross."""
+              failed: set[str] = frozenset(), budgets=BUDGETS, strategies=MAIN + ("dual-cp-mc",)) -> bool:
+    """One panel per task: ``key`` vs FLOPs ratio, a line per strategy (mean over seeds, min-max band
+    where seeds differ; a "-kd" strategy dashed in its base strategy's colour), dense dashed; points
+    with a fine-tune in ``failed`` get a black cross."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,9 +380,9 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
         return False
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for s in MAIN + ("dual-cp-mc",):
+        for s in strategies:
             xs, ys, lo, hi = [], [], [], []
-            for b in sorted(BUDGETS):
+            for b in sorted(budgets):
                 vals = [key(r) for r in idx.get((task, s, b), []) if key(r) is not None]
                 if vals:
                     xs.append(b)
@@ -389,12 +391,16 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
                     hi.append(max(vals))
             if not xs:
                 continue
+            color = COLORS.get(s, COLORS.get(s.split("-lstsq")[0], "tab:purple"))
             if s == "dual-cp-mc":
-                ax.scatter(xs, ys, marker="*", s=80, color=COLORS[s], label=NAMES[s], zorder=3)
+                ax.scatter(xs, ys, marker="*", s=80, color=color, label=NAMES[s], zorder=3)
                 continue
-            ax.plot(xs, ys, marker="o", color=COLORS[s], label=NAMES[s] + (" (mean, min-max)" if s == "random" else ""))
-            if s == "random" and any(h > l for h, l in zip(hi, lo)):
-                ax.fill_between(xs, lo, hi, color=COLORS[s], alpha=0.2)
+            spread = any(h > l for h, l in zip(hi, lo))
+            ax.plot(xs, ys, marker="o", color=color, linestyle="--" if s.endswith("-kd") else "-",
+                    markerfacecolor="white" if s.endswith("-kd") else color,
+                    label=NAMES[s])
+            if spread:
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
             bad = [(x, y) for x, y in zip(xs, ys) if any(r["cell"] in failed for r in idx.get((task, s, x), []))]
             if bad:
                 ax.scatter(*zip(*bad), marker="x", s=60, color="black", zorder=4, label="† did not learn")
@@ -409,17 +415,19 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
                     color="gray")
         ax.set_title(f"{TASK_NAMES[task]} ({METRIC_NAMES.get(metric_of(rows, task), '')})")
         ax.set_xlabel("FLOPs ratio kept")
-        ax.set_xlim(max(BUDGETS) + 0.05, min(BUDGETS) - 0.05)  # high to low, as the paper
+        ax.set_xlim(max(budgets) + 0.05, min(budgets) - 0.05)  # high to low, as the paper
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     handles = {}
     for ax in axes[0]:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
-    axes[0][0].legend(handles.values(), handles.keys(), fontsize=7, loc="lower left")
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=min(len(handles), 6),
+               frameon=False)
+    rows_of_legend = -(-len(handles) // 6)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title + " (bands: min-max over seeds)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,7 +20,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_report import README, TASK_NAMES, failed_cells, fmt, load_glue, load_lm, majority_rate, score  # noqa: E402
+from make_report import (PLOTS, README, TASK_NAMES, failed_cells, fmt, load_glue, load_lm, majority_rate,  # noqa: E402
+                         plot_glue, score)
 from sections import replace_section  # noqa: E402
 from reproduce import LABELS, RECIPE_V2, RESULTS_BY_RECIPE, V2_BUDGETS, grid_v2, is_current  # noqa: E402
 from reproduce_lm import RECIPE_V2 as LM_RECIPE_V2  # noqa: E402
@@ -34,6 +35,8 @@ VERDICT_START, VERDICT_END = "<!-- verdict-v2:start -->", "<!-- verdict-v2:end -
 TOP_README = Path(__file__).resolve().parents[1] / "README.md"
 #: a step becomes a recommended default only with a paired gain at least this significant
 DEFAULT_P = 0.05
+PLOT = PLOTS / "reproduce_v2_glue.png"
+PLOT_STRATEGIES = ("dual-cp", "random", "kcm", "worst", "dual-cp-mc", "dual-cp-lstsq-kd", "random-lstsq-kd")
 #: issue 17's bar for the dense model (dev x100, full dev sets)
 DENSE_TARGETS = {"sst2": 88.0, "mrpc": 82.0, "stsb": 85.0, "rte": 60.0}
 ROWS = ("dense", "dual-cp", "random", "kcm", "worst", "dual-cp-mc", "dual-cp-lstsq", "dual-cp-kd", "dual-cp-lstsq-kd",
@@ -99,6 +102,8 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
            "`--teacher` (the dense model fine-tuned by the same recipe; KL at T = 2, weight 0.5). Dev x100 "
            "(accuracy; Spearman for STS-B), best epoch; mean ± std over fine-tune seeds where n > 1; † = closer to "
            "the trivial predictor than to dense (did not learn).", "", "**Verdict so far.** " + verdict(rows), ""]
+    if rows:
+        out += [f"![dev metric vs FLOPs, cpu-v2](plots/{PLOT.name})", ""]
     by_cell = defaultdict(list)
     for r in rows:
         by_cell[(r["task"], r["strategy"], round(float(r["budget"]), 2))].append(r)
@@ -233,9 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print", action="store_true", help="print the section instead of writing README.md")
     p.add_argument("--results", type=Path, default=RESULTS_BY_RECIPE[RECIPE_V2.name])
     p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--plots", type=Path, default=PLOTS, help="where the PNG goes (default benchmarks/plots)")
     args = p.parse_args(argv)
     rows = [r for r in load_glue(args.results) if is_current(r, RECIPE_V2)]
     text = render(rows, load_lm_v2())
+    if rows and not args.print:
+        plot_glue(rows, args.plots / PLOT.name, failed=failed_cells(rows), budgets=V2_BUDGETS,
+                  strategies=PLOT_STRATEGIES,
+                  title="MiniLM-L6 pruned, then fine-tuned by the cpu-v2 recipe")
     if args.print:
         print(text)
     else:

@@ -92,8 +92,9 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
            "edit by hand.", "",
            f"**Status:** {len(expected) - len(todo)} of {len(expected)} cells of the cpu-v2 grid are done "
            f"({wall_h:.1f} h of cell wall time, {cpu_h:.1f} CPU-hours inside fine-tuning, one thread per cell; cells run {machines}); "
-           + (f"{len(todo)} remain, first {', '.join(c.id for c in todo[:3])}. `python benchmarks/reproduce.py` "
-              "computes them in this order (two runners share the grid)." if todo else "the grid is complete."),
+           + (f"{len(todo)} remain, first {', '.join(c.id for c in todo[:3])}{remaining_time(rows, todo)}. "
+              "`python benchmarks/reproduce.py` computes them in this order (two runners share the grid)."
+              if todo else "the grid is complete."),
            "",
            "Recipe `cpu-v2`: all-MiniLM-L6-v2, full train sets (SST-2: 20,000 rows), pruning calibrated on 3000 "
            "unlabeled train samples (T = 200, λ = 5, pruning seed 0), then `ppkit finetune` **with its defaults** "
@@ -217,6 +218,32 @@ def paired(rows: list[dict], a: str, b: str, budgets=V2_BUDGETS) -> dict | None:
     p = 1.0 if all(d == 0 for d in diffs) else float(wilcoxon(diffs).pvalue)
     return {"n": len(diffs), "mean": statistics.fmean(diffs), "wins": sum(d > 0 for d in diffs),
             "losses": sum(d < 0 for d in diffs), "p": p}
+
+
+def remaining_time(rows: list[dict], todo: list) -> str:
+    """", about N h of one-thread cell time" for the cells not run yet: each priced at the median wall
+    time of the done cells of its task and kind (with or without a teacher), preferring those run on
+    the CPU of the latest cell; empty when a task has no done cell."""
+    timed = [r for r in rows if r.get("wall_seconds")]
+    if not timed:
+        return ""
+    cpu = _cpu(max(timed, key=lambda r: r.get("finished", "")))
+
+    def wall(cell) -> float | None:
+        kd = cell.strategy.endswith("-kd")
+        for pool in ([r for r in timed if _cpu(r) == cpu], timed):
+            for match in (lambda r: r["task"] == cell.task and r["strategy"].endswith("-kd") == kd,
+                          lambda r: r["task"] == cell.task):
+                walls = [r["wall_seconds"] for r in pool if match(r)]
+                if walls:
+                    return statistics.median(walls)
+        return None
+
+    walls = [wall(c) for c in todo]
+    if None in walls:
+        return ""
+    total = sum(walls) / 3600
+    return f", about {total:.0f} h of one-thread cell time at the speed of {cpu} where measured ({total / 2:.0f} h as two runners)"
 
 
 def _cpu(r: dict) -> str:

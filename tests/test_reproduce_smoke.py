@@ -319,3 +319,19 @@ def test_v2_verdict_names_the_best_strategy_and_recommends_a_default_only_on_a_s
     text = rv2.verdict(rows)
     assert "`--teacher` gains significantly over plain fine-tuning" in text
     assert "`--compensate lstsq` with `--teacher`: fewer than 3 paired cells so far" in text
+
+
+def test_v2_status_prices_the_remaining_cells_by_task_and_teacher_on_the_latest_cpu():
+    rv2, rp = _load_bench("report_v2"), _load_bench("reproduce")
+
+    def row(cell, wall, cpu, finished):
+        c = rp.Cell.parse(cell)
+        return {"cell": c.id, "task": c.task, "strategy": c.strategy, "wall_seconds": wall,
+                "machine": {"cpu": cpu}, "finished": finished}
+
+    rows = [row("rte/dual-cp/0.6/0", 9000, "old", "2026-01-01"), row("rte/dual-cp/0.4/0", 1800, "new", "2026-02-01"),
+            row("rte/dual-cp-kd/0.6/0", 5400, "new", "2026-02-02")]
+    todo = [rp.Cell.parse(c) for c in ("rte/random/0.6/0", "rte/random-lstsq-kd/0.4/0")]
+    # plain cell: 0.5 h (the new CPU's plain RTE cell, not the old one's); teacher cell: 1.5 h
+    assert rv2.remaining_time(rows, todo).startswith(", about 2 h of one-thread cell time at the speed of new")
+    assert rv2.remaining_time(rows, [rp.Cell.parse("mrpc/random/0.6/0")]) == ""  # nothing comparable ran

@@ -178,32 +178,51 @@ def verdict(rows: list[dict]) -> str:
                 best.append(f"{TASK_NAMES[t]} {b:g}: {LABELS[top]} {ran[top]:.1f}{dcp} ({len(ran)} strategies run)")
     if best:
         parts.append("Best pruning strategy per task and budget (among those run): " + "; ".join(best) + ".")
-    steps = {("dual-cp-kd", "dual-cp"): "`--teacher`",
-             ("dual-cp-lstsq", "dual-cp"): "`--compensate lstsq`",
-             ("dual-cp-lstsq-kd", "dual-cp"): "`--compensate lstsq` with `--teacher`"}
-    tests = {pair: paired(rows, *pair) for pair in PAIRS + tuple(steps)}
-    for (a, b), t in tests.items():
+    for (a, b) in PAIRS:
+        t = paired(rows, a, b)
         if t:
-            parts.append(f"{LABELS[a]} vs {LABELS[b]}: {t['mean']:+.1f} points over {t['n']} pairs "
-                         f"({t['wins']}–{t['losses']}, p = {t['p']:.2g}).")
-    for pair, step in steps.items():
-        t = tests[pair]
-        if t and t["mean"] > 0 and t["p"] < DEFAULT_P:
-            parts.append(f"{step} gains significantly over plain fine-tuning: the data support making it a default.")
+            parts.append(f"{LABELS[a]} vs {LABELS[b]}: {_summary(t)}.")
+    for step, comparisons, supported in STEPS:
+        t = paired_over(rows, comparisons)
+        against = " and ".join(f"{LABELS[a]} vs {LABELS[b]}" for a, b in comparisons)
+        if t is None:
+            parts.append(f"{step} ({against}): fewer than 3 paired cells so far.")
+        elif t["mean"] > 0 and t["p"] < DEFAULT_P:
+            parts.append(f"{step} ({against}): {_summary(t)}, a significant gain: {supported}")
         else:
-            parts.append(f"{step}: " + ("fewer than 3 paired cells so far" if t is None else "no significant gain yet")
-                         + f", so it stays opt-in (a default needs a paired gain at p < {DEFAULT_P}).")
+            parts.append(f"{step} ({against}): {_summary(t)}, no significant gain (p < {DEFAULT_P} is the bar), "
+                         "so it stays opt-in.")
     return " ".join(parts)
 
 
 #: the comparisons the verdict rests on: (strategy, against)
 PAIRS = (("dual-cp", "random"), ("dual-cp", "kcm"), ("dual-cp", "worst"), ("dual-cp-lstsq-kd", "random-lstsq-kd"))
+#: what each step beyond the paper adds: (step, the comparisons that isolate it, pooled, and what a
+#: significant gain means for the CLI). lstsq is judged with the teacher held fixed, absent or present.
+STEPS = (
+    ("`--teacher`", (("dual-cp-kd", "dual-cp"),),
+     "use it whenever a fine-tuned dense model is at hand (it cannot be a default: it needs that model)."),
+    ("`--compensate lstsq`", (("dual-cp-lstsq", "dual-cp"), ("dual-cp-lstsq-kd", "dual-cp-kd")),
+     "the data support it as `ppkit prune`'s default for a pre-trained model (`--compensate auto`)."),
+    ("lstsq and `--teacher` together", (("dual-cp-lstsq-kd", "dual-cp"),),
+     "the README's full recipe (prune with `--compensate lstsq`, fine-tune with `--teacher`) is worth its cost."),
+)
+
+
+def _summary(t: dict) -> str:
+    return f"{t['mean']:+.1f} points over {t['n']} pairs ({t['wins']}–{t['losses']}, p = {t['p']:.2g})"
 
 
 def paired(rows: list[dict], a: str, b: str, budgets=V2_BUDGETS) -> dict | None:
     """``a`` against ``b`` over every (task, budget, fine-tune seed) both ran (pruning seed 0): mean
     difference in points, wins / losses, and the two-sided Wilcoxon signed-rank p-value (scipy; exact
     for small n). None when fewer than 3 pairs exist."""
+    return paired_over(rows, ((a, b),), budgets)
+
+
+def paired_over(rows: list[dict], comparisons, budgets=V2_BUDGETS) -> dict | None:
+    """:func:`paired` with the differences of several (a, b) comparisons pooled into one test (each
+    pair still matched on task, budget and fine-tune seed)."""
     from scipy.stats import wilcoxon
 
     def keyed(strategy: str) -> dict:
@@ -211,8 +230,10 @@ def paired(rows: list[dict], a: str, b: str, budgets=V2_BUDGETS) -> dict | None:
                 if r["strategy"] == strategy and r.get("seed", 0) == 0 and score(r) is not None
                 and round(float(r["budget"]), 2) in budgets}
 
-    left, right = keyed(a), keyed(b)
-    diffs = [left[k] - right[k] for k in sorted(set(left) & set(right))]
+    diffs = []
+    for a, b in comparisons:
+        left, right = keyed(a), keyed(b)
+        diffs += [left[k] - right[k] for k in sorted(set(left) & set(right))]
     if len(diffs) < 3:
         return None
     p = 1.0 if all(d == 0 for d in diffs) else float(wilcoxon(diffs).pvalue)

@@ -182,7 +182,8 @@ def run_lm_cell(cell: LMCell, *, model_path: str, tag: str, recipe: LMRecipe = R
             try:
                 r = prune(model_path, task="ptb", data=PTB, flops=cell.budget, strategy=cell.strategy.removesuffix("-kd"),
                           samples=recipe.calibration_samples, tokens=recipe.tokens, lambda_=recipe.lambda_,
-                          seed=cell.seed, out=work / "pruned", plot=False, progress=False, tokenizer=tokenizer,
+                          seed=cell.seed, compensate="none", out=work / "pruned", plot=False, progress=False,
+                          tokenizer=tokenizer,
                           **_calibration_length(model_path, recipe))
             except BudgetError as exc:  # KCM (FFN only) cannot reach low budgets: recorded, not a crash
                 out.update({"infeasible": str(exc), "prune": None, "ppl_before_ft": None, "ppl_after_ft": None,

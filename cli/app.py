@@ -117,7 +117,7 @@ def prune(
     threshold: Threshold = typer.Option(Threshold.exact, "--threshold", help="How the global distance threshold is found: exact (from the dendrograms) or scan (the paper's delta scan)."),
     step: float = typer.Option(0.001, "--step", help="Step of the delta scan (--threshold scan; paper: 0.001)."),
     rebalance: bool = typer.Option(True, "--rebalance/--no-rebalance", help="Give the FLOPs left by coarse head granularity to the FFN so the total lands on the budget (off: the strict lambda split)."),
-    compensate: Compensation = typer.Option(Compensation.auto, "--compensate", help="Fold what pruned units did into the kept weights: auto (lstsq-seq for a fine-tuned source with a task head, none for a pre-trained one), none (paper), lstsq (one shot, on the dense model's inputs), lstsq-seq (sublayer by sublayer, on the pruned model's own inputs), mask-tuning (Kwon et al.: one scale per kept head / neuron, sublayer by sublayer) or merge."),
+    compensate: Compensation = typer.Option(Compensation.auto, "--compensate", help="Fold what pruned units did into the kept weights: auto (lstsq-seq for a fine-tuned source with a task head, lstsq for a pre-trained encoder, none for a pre-trained decoder), none (the paper), lstsq (one shot, on the dense model's inputs), lstsq-seq (sublayer by sublayer, on the pruned model's own inputs), mask-tuning (Kwon et al.: one scale per kept head / neuron, sublayer by sublayer) or merge."),
     compensate_tokens: str = typer.Option("2048", "--compensate-tokens", help="Calibration tokens the compensation is fitted and judged on, or 'all' (more: closer fit, slower; see benchmarks/README.md)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Calibration batch size."),
     multiple_of: int = typer.Option(1, "--multiple-of", help="Keep every layer's FFN width a multiple of N (e.g. 8 or 64 for fast matmuls), inside the budget; 1: off."),
@@ -134,6 +134,9 @@ def prune(
       ppkit prune bert-base-uncased --task qqp --flops 0.5
 
       ppkit prune ../shared/data/models/all-MiniLM-L6-v2 --task sst2 --data ../shared/data/glue/SST-2 --flops 0.6 --out minilm-sst2-60
+
+    A pre-trained encoder's kept weights are then compensated (--compensate auto = lstsq: better after
+    fine-tuning, benchmarks/README.md); --compensate none is the paper's method exactly.
     """
     from ppkit.pipeline import check_budget, prune as run_prune
     from ppkit.report import summary_table

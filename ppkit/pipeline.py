@@ -28,6 +28,18 @@ COMPENSATIONS = ("auto", "none", "lstsq", "lstsq-seq", "mask-tuning", "merge")
 FINE_TUNED_HEADS = ("sequence-classification", "question-answering", "token-classification")
 
 
+def auto_compensation(head: str | None, causal: bool, can_compensate: bool) -> str:
+    """What ``--compensate auto`` means for a source: ``lstsq-seq`` for a fine-tuned one (nothing
+    retrains it), ``lstsq`` for a pre-trained encoder (fine-tuning follows and ends better from the
+    compensated weights: reproduction v2 in benchmarks/README.md), ``none`` for a pre-trained decoder
+    (not measured) or a family that cannot be compensated."""
+    if not can_compensate:
+        return "none"
+    if head in FINE_TUNED_HEADS:
+        return "lstsq-seq"
+    return "none" if causal else "lstsq"
+
+
 @dataclass
 class PruneResult:
     """What :func:`prune` produced: the pruned model, its plan, the report and where it was saved."""
@@ -135,8 +147,9 @@ def prune(
     ``compensate_tokens`` calibration tokens (``"all"``/None: every token); ``lstsq-seq`` refits
     sublayer by sublayer on the pruned model's own inputs, ``mask-tuning`` fits one scale per kept unit
     the same way (:mod:`ppkit.sequential`); ``auto`` is ``lstsq-seq`` for a fine-tuned source (a task
-    head: no training follows, so the kept weights must carry the pruned units' work) and ``none`` for a
-    pre-trained one (the paper: fine-tuning follows). ``multiple_of``
+    head: no training follows, so the kept weights must carry the pruned units' work), ``lstsq`` for a
+    pre-trained encoder (measured: a better model after fine-tuning, benchmarks/README.md, reproduction
+    v2) and ``none`` for a pre-trained decoder (not measured yet); ``none`` is the paper. ``multiple_of``
     N > 1 makes every layer's kept FFN width a multiple of N inside the budget (:mod:`ppkit.align`).
     """
     from . import registry
@@ -192,7 +205,7 @@ def prune(
         params_before = sum(p.numel() for p in net.parameters())
         requested_compensation = compensate
         if compensate == "auto":
-            compensate = "lstsq-seq" if head in FINE_TUNED_HEADS and adapter.can_compensate else "none"
+            compensate = auto_compensation(head, shape.is_causal, adapter.can_compensate)
         elif compensate != "none" and not adapter.can_compensate:
             raise InputError(f"--compensate {compensate}: {adapter.compensation_refusal()}")
 
@@ -237,6 +250,7 @@ def prune(
         with timer.stage("compensation"):
             compensation_report = reconstruct_sequential(net, plan, calib.batches, seed=seed, max_tokens=moment_tokens,
                                                          solver="rows" if compensate == "lstsq-seq" else "scales")
+            compensation_report.pop("seconds", None)  # the stage's time is in timings_s, with every other time
     elif compensate != "none":
         from .compensate import collect_moments, compensate_model
 
@@ -250,7 +264,7 @@ def prune(
             compensation_report = compensate_model(
                 net, plan, moments, method=compensate, assignments=ctx.artifacts.get("assignments"),
             )
-            compensation_report["moments_seconds"] = moments_s
+            timer.timings["compensation_moments"] = moments_s  # times live in timings_s: the rest is reproducible
 
     with timer.stage("surgery"):
         prune_model(net, plan)

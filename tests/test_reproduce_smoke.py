@@ -311,14 +311,14 @@ def test_v2_verdict_names_the_best_strategy_and_recommends_a_default_only_on_a_s
     text = rv2.verdict(rows)
     assert "met on 1 of 2" in text
     assert "STS-B 0.6: random 81.5, Dual-CP 80.0 (3 strategies run)" in text
-    assert "`--teacher` (Dual-CP + --teacher vs Dual-CP (ours / +CS)): fewer than 3 paired cells so far." in text
+    assert ("`--teacher` (Dual-CP + --teacher vs Dual-CP (ours / +CS) and Dual-CP + lstsq + --teacher vs Dual-CP + "
+            "--compensate lstsq): fewer than 3 paired cells so far.") in text
 
     # the teacher wins 8 of 8 pairs: significant, so the verdict recommends it
     rows += [row(t, s, b, 70 + (2 if s == "dual-cp-kd" else 0) + ft, ft) for t in ("mrpc", "rte") for b in (0.6, 0.4)
              for ft in (0, 1) for s in ("dual-cp", "dual-cp-kd")]
     text = rv2.verdict(rows)
     assert "+2.0 points over 8 pairs (8–0, p = 0.0078), a significant gain: use it whenever" in text
-    assert "lstsq and `--teacher` together (Dual-CP + lstsq + --teacher vs Dual-CP (ours / +CS)): fewer than 3" in text
 
     # lstsq is judged with the teacher held fixed: 2 pairs without a teacher and 2 with it pool into one
     # test of 4 pairs (too few for p < 0.05 whatever the signs: it stays opt-in)

@@ -37,7 +37,8 @@ METRIC_NAMES = {"accuracy": "accuracy", "spearman": "Spearman"}
 MAIN = ("dual-cp", "random", "kcm", "worst")
 NAMES = {"dense": "dense", "dual-cp": "Dual-CP", "dual-cp-mc": "+MC", "random": "random", "kcm": "KCM",
          "worst": "worst", "dual-cp-lstsq": "Dual-CP + lstsq", "random-lstsq": "random + lstsq",
-         "dual-cp-lstsq-kd": "Dual-CP + lstsq + teacher", "random-lstsq-kd": "random + lstsq + teacher"}
+         "dual-cp-lstsq-kd": "Dual-CP + lstsq + teacher", "random-lstsq-kd": "random + lstsq + teacher",
+         "kcm-lstsq": "KCM + lstsq", "worst-lstsq": "worst + lstsq"}
 COLORS = {"dual-cp": "tab:red", "random": "tab:gray", "kcm": "tab:blue", "worst": "tab:green",
           "dual-cp-mc": "tab:orange"}
 PAPER_SPEEDUP = 1.8  # the paper's reported fine-tuning speedup at 60% FLOPs (MNLI), quoted for comparison
@@ -367,7 +368,8 @@ def speedup_lines(rows: list[dict]) -> list[str]:
 def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric x100", title: str = "",
               failed: set[str] = frozenset(), budgets=BUDGETS, strategies=MAIN + ("dual-cp-mc",)) -> bool:
     """One panel per task: ``key`` vs FLOPs ratio, a line per strategy (mean over seeds, min-max band
-    where seeds differ; a "-kd" strategy dashed in its base strategy's colour), dense dashed; points
+    where seeds differ; in its base strategy's colour, dotted with squares for "-lstsq", dashed and
+    hollow for "-lstsq-kd"), dense dashed; points
     with a fine-tune in ``failed`` get a black cross."""
     import matplotlib
 
@@ -396,9 +398,9 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
                 ax.scatter(xs, ys, marker="*", s=80, color=color, label=NAMES[s], zorder=3)
                 continue
             spread = any(h > l for h, l in zip(hi, lo))
-            ax.plot(xs, ys, marker="o", color=color, linestyle="--" if s.endswith("-kd") else "-",
-                    markerfacecolor="white" if s.endswith("-kd") else color,
-                    label=NAMES[s])
+            kd, lstsq = s.endswith("-kd"), "-lstsq" in s
+            ax.plot(xs, ys, marker="s" if lstsq else "o", color=color, linestyle="--" if kd else ":" if lstsq else "-",
+                    markerfacecolor="white" if kd else color, label=NAMES[s])
             if spread:
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.15)
             bad = [(x, y) for x, y in zip(xs, ys) if any(r["cell"] in failed for r in idx.get((task, s, x), []))]

@@ -70,16 +70,18 @@ PRUNE_ARGS = {"dual-cp": ("dual-cp", {}, "none"), "dual-cp-mc": ("dual-cp", {"se
               "random": ("random", {}, "none"), "kcm": ("kcm", {}, "none"), "worst": ("worst", {}, "none"),
               "dual-cp-lstsq": ("dual-cp", {}, "lstsq"), "random-lstsq": ("random", {}, "lstsq"),
               "dual-cp-kd": ("dual-cp", {}, "none"), "dual-cp-lstsq-kd": ("dual-cp", {}, "lstsq"),
-              "random-lstsq-kd": ("random", {}, "lstsq")}
+              "random-lstsq-kd": ("random", {}, "lstsq"), "kcm-lstsq": ("kcm", {}, "lstsq"),
+              "worst-lstsq": ("worst", {}, "lstsq")}
 # Issue 9: whether retraining-free compensation still matters after fine-tuning, at these budgets.
 LSTSQ_BUDGETS = (0.6, 0.4)
 V1_STRATEGIES = ("dense", "dual-cp", "dual-cp-mc", "random", "kcm", "worst", "dual-cp-lstsq", "random-lstsq")
-ALL_STRATEGIES = V1_STRATEGIES + ("dual-cp-kd", "dual-cp-lstsq-kd", "random-lstsq-kd")
+ALL_STRATEGIES = V1_STRATEGIES + ("dual-cp-kd", "dual-cp-lstsq-kd", "random-lstsq-kd", "kcm-lstsq", "worst-lstsq")
 LABELS = {"dense": "dense (no pruning)", "dual-cp": "Dual-CP (ours / +CS)", "dual-cp-mc": "+MC (clusters, random member)",
           "random": "random", "kcm": "KCM", "worst": "worst",
           "dual-cp-lstsq": "Dual-CP + --compensate lstsq", "random-lstsq": "random + --compensate lstsq",
           "dual-cp-kd": "Dual-CP + --teacher", "dual-cp-lstsq-kd": "Dual-CP + lstsq + --teacher",
-          "random-lstsq-kd": "random + lstsq + --teacher"}
+          "random-lstsq-kd": "random + lstsq + --teacher", "kcm-lstsq": "KCM + --compensate lstsq",
+          "worst-lstsq": "worst + --compensate lstsq"}
 
 log = logging.getLogger("reproduce")
 
@@ -258,7 +260,8 @@ def grid_v2(tasks=V2_TASKS, budgets=V2_BUDGETS, strategies=ALL_STRATEGIES) -> li
     """The cpu-v2 grid in run order (issues 17 and 20): the dense teachers; the four strategies at 0.6
     and 0.4; Dual-CP with --teacher and the lstsq + teacher pairs there; Dual-CP with lstsq alone at
     0.6 (with the -kd cells: what each step adds, which decides the defaults); a second dense seed (the
-    dense mean is the reference for "did not learn" and for "within 2 points"); more fine-tune seeds where
+    dense mean is the reference for "did not learn" and for "within 2 points"); the four strategies with
+    lstsq (the default since) at 0.6 and 0.4; more fine-tune seeds where
     the comparison is made (Dual-CP / random at 0.6 and 0.4: 3; with the teacher: 2); then the other
     budgets and the +MC ablation. Pruning seed 0 throughout."""
     key_budgets = [b for b in (0.6, 0.4) if b in budgets]
@@ -268,6 +271,9 @@ def grid_v2(tasks=V2_TASKS, budgets=V2_BUDGETS, strategies=ALL_STRATEGIES) -> li
     cells += [Cell(t, s, b) for b in key_budgets for t in tasks for s in ("dual-cp-lstsq-kd", "random-lstsq-kd")]
     cells += [Cell(t, "dual-cp-lstsq", 0.6) for t in tasks if 0.6 in budgets]  # with -kd: what each step adds
     cells += [Cell(t, "dense", 1.0, 0, 1) for t in tasks]  # the reference every "did not learn" is judged against
+    # ppkit prune's default for a pre-trained encoder since these cells (--compensate auto = lstsq): does
+    # every plan learn with it, and does the selection still matter?
+    cells += [Cell(t, f"{s}-lstsq", b) for b in key_budgets for t in tasks for s in ("dual-cp", "random", "kcm", "worst")]
     cells += [Cell(t, s, 0.6, 0, 1) for t in tasks if 0.6 in budgets for s in ("dual-cp", "dual-cp-kd")]
     cells += [Cell(t, s, b, 0, ft) for ft in (1, 2) for b in key_budgets for t in tasks for s in ("dual-cp", "random")]
     cells += [Cell(t, s, b, 0, 1) for b in key_budgets for t in tasks for s in ("dual-cp-lstsq-kd", "random-lstsq-kd")]

@@ -369,8 +369,7 @@ def plot_glue(rows: list[dict], path: Path, key=score, ylabel: str = "dev metric
               failed: set[str] = frozenset(), budgets=BUDGETS, strategies=MAIN + ("dual-cp-mc",)) -> bool:
     """One panel per task: ``key`` vs FLOPs ratio, a line per strategy (mean over seeds, min-max band
     where seeds differ; in its base strategy's colour, dotted with squares for "-lstsq", dashed and
-    hollow for "-lstsq-kd"), dense dashed; points
-    with a fine-tune in ``failed`` get a black cross."""
+    hollow for "-lstsq-kd"), dense dashed; points with a fine-tune in ``failed`` get a black cross."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -56,7 +56,7 @@ def summary_table(report: dict[str, Any]):  # -> rich.table.Table
     if comp.get("method", "none") != "none" and "layers" in comp:
         table.add_row("compensation", f"{comp['method']}: {comp['accepted']}/{len(comp['layers'])} sublayers",
                       f"held-out error {comp['mean_error_before']:.4g} -> {comp['mean_error_after']:.4g}")
-    times = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items() if k != "total")
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items() if k != "total" and "." not in k)
     notes = [str(n) for n in (report.get("plan_meta") or {}).get("notes", [])] + [str(w) for w in report.get("warnings", [])]
     caption = f"samples {report['samples']} · seed {report['seed']} · {times} · total {report['timings_s'].get('total', 0):.1f}s"
     table.caption = "\n".join([caption] + [f"note: {n}" for n in notes])

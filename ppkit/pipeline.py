@@ -250,7 +250,6 @@ def prune(
         with timer.stage("compensation"):
             compensation_report = reconstruct_sequential(net, plan, calib.batches, seed=seed, max_tokens=moment_tokens,
                                                          solver="rows" if compensate == "lstsq-seq" else "scales")
-            compensation_report.pop("seconds", None)  # the stage's time is in timings_s, with every other time
     elif compensate != "none":
         from .compensate import collect_moments, compensate_model
 

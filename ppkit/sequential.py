@@ -26,7 +26,6 @@ thousand tokens (``max_tokens``, whole calibration batches).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterable
 
 import torch
@@ -167,7 +166,6 @@ def reconstruct_sequential(
         raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
     from .adapters import get_adapter
 
-    t0 = time.perf_counter()
     adapter = get_adapter(model)
     shape = adapter.shape()
     plan.validate(shape.num_layers, shape.num_heads, shape.ffn_dim)
@@ -207,7 +205,7 @@ def reconstruct_sequential(
     report = summarize(results, SOLVERS[solver])
     real = torch.cat([held for _, _, held in selected])
     report.update(sequential=True, tokens_fit=int((~real).sum()), tokens_held=int(real.sum()),
-                  forward_passes=passes, seconds=time.perf_counter() - t0)
+                  forward_passes=passes)
     return report
 
 

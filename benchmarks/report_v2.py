@@ -129,6 +129,7 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
             if any(cells):
                 out.append(f"| {LABELS[s]} | " + " | ".join(cell_text(c, failed) for c in cells) + " |")
         out.append("")
+    out += issue17_bars(rows, failed)
     gains = []
     for t in tasks:
         for b in V2_BUDGETS:
@@ -151,6 +152,50 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
     out += render_lm(lm_rows)
     out.append(END)
     return "\n".join(out) + "\n"
+
+
+def issue17_bars(rows: list[dict], failed: set[str]) -> list[str]:
+    """Issue 17's two bars for pruned models, generated: does every plan at 0.6 and 0.4 learn (plain
+    fine-tuning, and with lstsq, ``ppkit prune``'s default), and is Dual-CP at 0.6 with ``--teacher``
+    within 2 points of the dense mean (mean over fine-tune seeds), with its gain over the same seeds
+    without the teacher."""
+    first = {(r["task"], r["strategy"], round(float(r["budget"]), 2)): r for r in rows
+             if r.get("seed", 0) == 0 and r.get("ft_seed", 0) == 0}
+    out = ["**Does every plan learn?** (the four strategies at 0.6 and 0.4 on all four tasks, pruning seed 0, "
+           "fine-tune seed 0; issue 17 asks it of STS-B, MRPC and RTE)", ""]
+    for label, suffix in (("plain fine-tuning (the paper's P-pruning, `--compensate none`)", ""),
+                          ("`--compensate lstsq` before fine-tuning (`ppkit prune`'s default for a pre-trained "
+                           "encoder)", "-lstsq")):
+        keys = [(t, s + suffix, b) for t in TASK_NAMES for b in (0.6, 0.4) for s in ("dual-cp", "random", "kcm", "worst")]
+        ran = [k for k in keys if k in first and score(first[k]) is not None]
+        missed = [f"{TASK_NAMES[t]} {LABELS[s]} {b:g}" for t, s, b in ran if first[(t, s, b)]["cell"] in failed]
+        out.append(f"- {label}: {len(ran) - len(missed)} of {len(ran)} cells run learned"
+                   + (f"; did not learn (†): {', '.join(missed)}" if missed else "")
+                   + (f"; {len(keys) - len(ran)} not run yet" if len(ran) < len(keys) else "") + ".")
+    dense = {t: [score(r) for r in rows if r["task"] == t and r["strategy"] == "dense"] for t in TASK_NAMES}
+    lines = []
+    for t in TASK_NAMES:
+        kd = {r.get("ft_seed", 0): score(r) for r in rows
+              if (r["task"], r["strategy"], r.get("seed", 0)) == (t, "dual-cp-lstsq-kd", 0)
+              and round(float(r["budget"]), 2) == 0.6}
+        if not kd or not dense[t]:
+            continue
+        gap = statistics.fmean(kd.values()) - statistics.fmean(dense[t])
+        text = (f"{TASK_NAMES[t]} {statistics.fmean(kd.values()):.1f} (n={len(kd)}) vs dense "
+                f"{statistics.fmean(dense[t]):.1f}: {gap:+.1f}, {'within' if gap >= -2 else 'not within'} 2 points")
+        for base in ("dual-cp-lstsq", "dual-cp"):
+            plain = {r.get("ft_seed", 0): score(r) for r in rows
+                     if (r["task"], r["strategy"], r.get("seed", 0)) == (t, base, 0) and round(float(r["budget"]), 2) == 0.6}
+            seeds = sorted(set(kd) & set(plain))
+            if seeds:
+                text += (f"; vs {LABELS[base]} {statistics.fmean(kd[s] - plain[s] for s in seeds):+.1f} "
+                         f"(seeds {seeds})")
+        lines.append(text)
+    if lines:
+        out += ["", "**Dual-CP at 0.6 with `--teacher`** (and lstsq, the default), mean over fine-tune seeds, against "
+                "the dense mean (issue 17: within 2 points on SST-2, MRPC and STS-B), and the difference to the same "
+                "fine-tune seeds without the teacher (lstsq kept) and to plain Dual-CP (neither step): " + "; ".join(lines) + "."]
+    return out + [""]
 
 
 def verdict(rows: list[dict]) -> str:

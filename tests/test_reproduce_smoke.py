@@ -343,3 +343,23 @@ def test_v2_status_prices_the_remaining_cells_by_task_and_teacher_on_the_latest_
     # plain cell: 0.5 h (the new CPU's plain RTE cell, not the old one's); teacher cell: 1.5 h
     assert rv2.remaining_time(rows, todo).startswith(", about 2 h of one-thread cell time at the speed of new")
     assert rv2.remaining_time(rows, [rp.Cell.parse("mrpc/random/0.6/0")]) == ""  # nothing comparable ran
+
+
+def test_v2_issue17_bars_count_plans_that_learn_and_compare_the_teacher_cell_with_the_dense_mean():
+    rv2 = _load_bench("report_v2")
+
+    def row(task, strategy, budget, value, ft=0):
+        return {"cell": f"{task}/{strategy}/{budget}/0/ft{ft}", "task": task, "strategy": strategy, "budget": budget,
+                "seed": 0, "ft_seed": ft, "finetune": {"best_metric": value / 100}}
+
+    # STS-B: trivial predictor 0, dense mean 84 -> "did not learn" below 42
+    rows = [row("stsb", "dense", 1.0, 85.0), row("stsb", "dense", 1.0, 83.0, ft=1)]
+    rows += [row("stsb", "dual-cp", 0.6, 80.0), row("stsb", "random", 0.6, 30.0), row("stsb", "random", 0.4, 20.0, ft=1)]
+    rows += [row("stsb", "random-lstsq", 0.6, 78.0)]
+    rows += [row("stsb", "dual-cp-lstsq-kd", 0.6, 83.0), row("stsb", "dual-cp-lstsq-kd", 0.6, 81.0, ft=1)]
+    text = "\n".join(rv2.issue17_bars(rows, rv2.failed_cells(rows)))
+    # only fine-tune seed 0 counts: random 0.4 ran with seed 1 alone, so it is "not run"
+    assert "`--compensate none`): 1 of 2 cells run learned; did not learn (†): STS-B random 0.6; 30 not run yet." in text
+    assert "encoder): 1 of 1 cells run learned; 31 not run yet." in text
+    # mean of the two teacher seeds (82.0) against the dense mean (84.0); vs plain Dual-CP on seed 0 only
+    assert "STS-B 82.0 (n=2) vs dense 84.0: -2.0, within 2 points; vs Dual-CP (ours / +CS) +3.0 (seeds [0])." in text

@@ -199,9 +199,10 @@ def test_lm_grid_rerun_over_cached_results_needs_no_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_lm_v2_kd_cell_distils_the_dense_model_and_the_v2_report_shows_it(tmp_path, shared_data):
-    """reproduce_lm's lm-cpu-v2 cells (random-kd here) prune, fine-tune with the dense model as teacher and
-    land in the GPT-2 table of the v2 section; on a tiny GPT-2 with tiny budgets for speed."""
+def test_lm_v2_kd_cell_distils_the_dense_model_fine_tuned_first_and_the_v2_report_shows_it(tmp_path, shared_data):
+    """reproduce_lm's lm-cpu-v2 cells (random-kd here) prune and fine-tune with the dense model fine-tuned by
+    the same recipe as teacher (the dense cell, computed first when missing), and land in the GPT-2 table
+    of the v2 section; on a tiny GPT-2 with tiny budgets for speed."""
     import dataclasses
 
     from conftest import make_tiny_gpt2
@@ -220,13 +221,19 @@ def test_lm_v2_kd_cell_distils_the_dense_model_and_the_v2_report_shows_it(tmp_pa
                                    results_dir=tmp_path / "results", cache_dir=tmp_path / "cache")
 
     assert computed and res["strategy"] == "random-kd" and res["prune"]["flops_ratio"] <= 0.5 + 1e-6
-    assert res["finetune"]["teacher"] == str(model) and res["finetune"]["distill"]["weight"] == 0.5
+    teacher = lm.lm_teacher_dir("small-gpt2-here", recipe, tmp_path / "cache")
+    assert res["finetune"]["teacher"] == str(teacher) and res["finetune"]["distill"]["weight"] == 0.5
+    dense = json.loads(lm.result_path(tmp_path / "results", "small-gpt2-here", lm.LMCell.parse("dense/1")).read_text())
+    assert dense["finetune"]["teacher"] is None and (teacher / "model.safetensors").is_file()
+    # the teacher is the dense model after its epoch, not the model it started from
+    assert dense["ppl_after_ft"]["ptb/test"] != dense["ppl_before_ft"]["ptb/test"]
     assert res["finetune"]["train_blocks"] == 16
     for stage in ("ppl_before_ft", "ppl_after_ft"):
         assert set(res[stage]) == {"ptb/valid", "ptb/test", "wikitext-2/valid", "wikitext-2/test"}
-    text = "\n".join(_load_bench("report_v2").render_lm([{**res, "cell": "random-kd/0.5/0"}]))
+    text = "\n".join(_load_bench("report_v2").render_lm([{**res, "cell": "random-kd/0.5/0"}, dense]))
     assert f"| random-kd/0.5 | {res['ppl_before_ft']['ptb/test']:.1f} | {res['ppl_after_ft']['ptb/test']:.1f} |" in text
     assert "| dual-cp/0.5 | · | · | · | · |" in text
+    assert f"| dense/1 | {dense['ppl_before_ft']['ptb/test']:.1f} | {dense['ppl_after_ft']['ptb/test']:.1f} |" in text
 
 
 def test_teacher_cell_trains_its_dense_teacher_first_and_the_v2_report_shows_it(tmp_path, minilm_path):

@@ -335,6 +335,13 @@ def test_v2_verdict_names_the_best_strategy_and_recommends_a_default_only_on_a_s
     assert ("`--compensate lstsq` (Dual-CP + --compensate lstsq vs Dual-CP (ours / +CS) and Dual-CP + lstsq + "
             "--teacher vs Dual-CP + --teacher): +4.0 points over 4 pairs (4–0, p = 0.12), no significant gain") in text
 
+    # hidden-state distillation is judged against the same cells with predictions only
+    rows += [row(t, "dual-cp-lstsq-kd", 0.6, 70.0 + ft, ft) for t in ("mrpc", "rte") for ft in (0, 1)]
+    rows += [row(t, "dual-cp-lstsq-kdh", 0.6, 73.0 + ft, ft) for t in ("mrpc", "rte") for ft in (0, 1)]
+    text = rv2.verdict(rows)
+    assert ("`--distill-hidden 1` on top of `--teacher` (Dual-CP + lstsq + --teacher --distill-hidden 1 vs Dual-CP + "
+            "lstsq + --teacher): +3.0 points over 4 pairs (4–0, p = 0.12), no significant gain") in text
+
 
 def test_v2_status_prices_the_remaining_cells_by_task_and_teacher_on_the_latest_cpu():
     rv2, rp = _load_bench("report_v2"), _load_bench("reproduce")
@@ -354,6 +361,10 @@ def test_v2_status_prices_the_remaining_cells_by_task_and_teacher_on_the_latest_
 
 def test_v2_issue17_bars_count_plans_that_learn_and_compare_the_teacher_cell_with_the_dense_mean():
     rv2 = _load_bench("report_v2")
+    rp = _load_bench("reproduce")
+    kdh, kd = rp.Cell.parse("mrpc/dual-cp-lstsq-kdh/0.6/0/ft1"), rp.Cell.parse("mrpc/dual-cp-lstsq-kd/0.6/0")
+    assert (kdh.teacher, kdh.distill_hidden, kd.teacher, kd.distill_hidden) == (True, 1.0, True, 0.0)
+    assert rp.PRUNE_ARGS["dual-cp-lstsq-kdh"] == rp.PRUNE_ARGS["dual-cp-lstsq-kd"]  # the same plan, paired
 
     def row(task, strategy, budget, value, ft=0):
         return {"cell": f"{task}/{strategy}/{budget}/0/ft{ft}", "task": task, "strategy": strategy, "budget": budget,

@@ -234,6 +234,11 @@ def test_lm_v2_kd_cell_distils_the_dense_model_fine_tuned_first_and_the_v2_repor
     assert f"| random-kd/0.5 | {res['ppl_before_ft']['ptb/test']:.1f} | {res['ppl_after_ft']['ptb/test']:.1f} |" in text
     assert "| dual-cp/0.5 | · | · | · | · |" in text
     assert f"| dense/1 | {dense['ppl_before_ft']['ptb/test']:.1f} | {dense['ppl_after_ft']['ptb/test']:.1f} |" in text
+    rv2 = _load_bench("report_v2")
+    assert set(rv2.LM_NAMES) == set(lm.V2_CELLS)
+    said = rv2.verdict([], [{**res, "cell": "random-kd/0.5/0"}, dense])
+    assert (f"dense {dense['ppl_after_ft']['ptb/test']:.1f} ({dense['ppl_before_ft']['ptb/test']:.1f}), random + "
+            f"--teacher {res['ppl_after_ft']['ptb/test']:.1f} ({res['ppl_before_ft']['ptb/test']:.1f}).") in said
 
 
 def test_teacher_cell_trains_its_dense_teacher_first_and_the_v2_report_shows_it(tmp_path, minilm_path):

@@ -153,8 +153,8 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
 def issue17_bars(rows: list[dict], failed: set[str]) -> list[str]:
     """Issue 17's two bars for pruned models, generated: does every plan at 0.6 and 0.4 learn (plain
     fine-tuning, and with lstsq, ``ppkit prune``'s default), and is Dual-CP at 0.6 with ``--teacher``
-    within 2 points of the dense mean (mean over fine-tune seeds), with its gain over the same seeds
-    without the teacher."""
+    (predictions only, then with hidden states) within 2 points of the dense mean (mean over fine-tune
+    seeds), with its difference to the same seeds with fewer steps."""
     first = {(r["task"], r["strategy"], round(float(r["budget"]), 2)): r for r in rows
              if r.get("seed", 0) == 0 and r.get("ft_seed", 0) == 0}
     out = ["**Does every plan learn?** (the four strategies at 0.6 and 0.4 on all four tasks, pruning seed 0, "

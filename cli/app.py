@@ -201,6 +201,7 @@ def finetune(
     distill_temperature: float = typer.Option(2.0, "--distill-temperature", help="With --teacher: softmax temperature of the KL divergence."),
     distill_hidden: float = typer.Option(0.0, "--distill-hidden", help="With --teacher: weight of the layer-to-layer hidden-state MSE (0: off)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (on a shared machine 1 per process is often fastest)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or mixed precision: bf16 (GPUs that have it, and CPUs: 0.64x the fp32 step time for MiniLM on an AMX Xeon) or fp16 (CUDA only). Weights stay and are saved in fp32."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per example (default: the task's)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, head initialisation and subsets."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use a seeded random subset of this many training examples."),
@@ -233,7 +234,7 @@ def finetune(
         max_length=max_length, seed=seed, train_limit=train_limit, eval_limit=eval_limit,
         progress=not quiet, overwrite=overwrite, allow_pickle=allow_pickle, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, min_steps=min_steps, pooling=pooling, init_head_bias=head_init,
-        threads=threads, teacher=teacher, distill=distill,
+        threads=threads, teacher=teacher, distill=distill, precision=precision,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return

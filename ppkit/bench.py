@@ -174,10 +174,20 @@ def cpu_name() -> str:
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+#: CPU flags that make bf16 matmuls fast (``finetune --precision bf16`` on a CPU)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
 def cpu_int8_features() -> list[str]:
     """Which of :data:`INT8_CPU_FLAGS` this CPU has (empty where /proc/cpuinfo is missing)."""
     flags = set((_cpuinfo("flags") or "").split())
     return [f for f in INT8_CPU_FLAGS if f in flags]
+
+
+def cpu_bf16_features() -> list[str]:
+    """Which of :data:`BF16_CPU_FLAGS` this CPU has (empty where /proc/cpuinfo is missing)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in BF16_CPU_FLAGS if f in flags]
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -193,6 +203,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": cpu,
         "cpu_int8_features": cpu_int8_features(),
+        "cpu_bf16_features": cpu_bf16_features(),
         "cores_available": available_cores(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -136,7 +136,7 @@ def distillation_trainer(trainer_cls: type, teacher: nn.Module, settings: Distil
             if next(teacher.parameters()).device != device:
                 teacher.to(device)
             features = {k: v for k, v in inputs.items() if k != "labels"}
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():  # the student's precision (accelerate wraps only its forward)
                 target = teacher(**features, output_hidden_states=want_hidden)
             loss = (1 - settings.weight) * outputs.loss + settings.weight * prediction_loss(
                 outputs.logits, target.logits, kind, settings.temperature, inputs.get("labels"))

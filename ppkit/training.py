@@ -255,6 +255,19 @@ def _check_settings(**values: Any) -> None:
             raise InputError(f"{name.replace('_', ' ')} must be {what}, got {value!r}")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check_precision(precision: str) -> None:
+    """fp16 autocast needs a CUDA GPU; bf16 a GPU that has it, or the CPU."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise InputError("precision fp16 needs a CUDA GPU; on a CPU use bf16 (fast where the CPU has AMX) or fp32")
+    if precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise InputError("this GPU has no bf16: use precision fp16 or fp32")
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -358,6 +371,7 @@ def finetune(
     threads: int | None = None,
     teacher: str | Path | nn.Module | None = None,
     distill: DistillSettings | None = None,
+    precision: str = "fp32",
 ) -> FinetuneResult:
     """Fine-tune a pre-trained or pruned model on ``task`` and write the best epoch's model to ``out_dir``.
 
@@ -371,7 +385,8 @@ def finetune(
     BERT classifiers) defaults to what the checkpoint was trained with. ``threads`` sets torch's
     intra-op threads. ``teacher`` (a fine-tuned dense model directory or model; for LM tasks the dense
     language model) turns on distillation with ``distill`` (:class:`ppkit.distill.DistillSettings`). ``batch_size`` is global (divided by
-    the number of torchrun processes).
+    the number of torchrun processes). ``precision`` "bf16" / "fp16" trains with mixed-precision autocast
+    (fp32 master weights, saved in fp32); fp16 needs a CUDA GPU, bf16 runs on CPUs too (fast on AMX).
     ``train_limit`` / ``eval_limit`` keep a seeded random subset of the train split / the first N dev
     examples for quick runs. The dev split is evaluated after every epoch and the best epoch by the
     task metric (loss for LM) is kept. Rank 0 writes ``out_dir`` atomically (model, tokenizer,
@@ -392,6 +407,7 @@ def finetune(
     spec = get_task(task)
     _check_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
                     weight_decay=weight_decay, min_steps=min_steps, threads=threads)
+    _check_precision(precision)
     out = Path(out_dir).absolute()
     _check_output(out, overwrite)
     ckpt = Path(checkpoint_dir).absolute() if checkpoint_dir else out.parent / f".{out.name}.ppkit-checkpoints"
@@ -407,7 +423,7 @@ def finetune(
 
     metric_key = "loss" if spec.kind == "lm" else spec.main_metric
     # placeholders until the train set's size is known (the recipe depends on it)
-    args = _training_args(TrainingArguments, ckpt, 1, 1, 1e-5, 0.0, 0.0, seed, metric_key, spec, progress)
+    args = _training_args(TrainingArguments, ckpt, 1, 1, 1e-5, 0.0, 0.0, seed, metric_key, spec, progress, precision)
     if args.process_index == 0 and ckpt.exists():
         shutil.rmtree(ckpt, ignore_errors=True)
     _barrier()
@@ -426,7 +442,7 @@ def finetune(
         logger.warning("batch size %d is not divisible by %d processes: using %d per process (global %d)",
                        recipe.batch_size, world, per_device, per_device * world)
     args = _training_args(TrainingArguments, ckpt, recipe.epochs, per_device, recipe.learning_rate,
-                          recipe.weight_decay, recipe.warmup_ratio, seed, metric_key, spec, progress)
+                          recipe.weight_decay, recipe.warmup_ratio, seed, metric_key, spec, progress, precision)
     head_init = init_head(model, train_ds) if fresh_head and init_head_bias else None
 
     EpochTimer, QuietProgress = _callbacks()
@@ -476,6 +492,7 @@ def finetune(
         "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
         "warmup_ratio": recipe.warmup_ratio, "recipe": recipe.name, "head_init": head_init,
         "pooling": getattr(model.config, "ppkit_pooling", None), "threads": torch.get_num_threads(),
+        "precision": precision,
         "teacher": None if teacher is None else (str(teacher) if not isinstance(teacher, nn.Module)
                                                  else type(teacher).__name__),
         "distill": None if teacher is None else (distill or DistillSettings()).to_dict(),
@@ -504,7 +521,7 @@ def finetune(
 
 def _training_args(TrainingArguments, ckpt: Path, epochs: int, per_device: int, learning_rate: float,
                    weight_decay: float, warmup_ratio: float, seed: int, metric_key: str, spec: TaskSpec,
-                   progress: bool):
+                   progress: bool, precision: str = "fp32"):
     kwargs: dict[str, Any] = dict(
         output_dir=str(ckpt), num_train_epochs=epochs, per_device_train_batch_size=per_device,
         per_device_eval_batch_size=max(per_device, 32), learning_rate=learning_rate, weight_decay=weight_decay,
@@ -513,6 +530,7 @@ def _training_args(TrainingArguments, ckpt: Path, epochs: int, per_device: int, 
         metric_for_best_model=metric_key, greater_is_better=spec.greater_is_better, save_only_model=True,
         report_to="none", disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
         label_names=["start_positions", "end_positions"] if spec.kind == "qa" else ["labels"],
+        bf16=precision == "bf16", fp16=precision == "fp16",
     )
     accepted = inspect.signature(TrainingArguments).parameters
     if "warmup_ratio" in accepted and "train_sampling_strategy" not in accepted:  # transformers 4.x

@@ -321,6 +321,44 @@ def test_threads_reach_torch(tmp_path, bert_tok, capsys):
     assert not (tmp_path / "ft0").exists()
 
 
+def test_bf16_mixed_precision_learns_and_saves_fp32_weights(tmp_path, bert_tok, capsys):
+    from cli_support import run_cli
+
+    data = toy_sst2(tmp_path / "toy")
+    source = tmp_path / "tiny"
+    make_tiny_bert("BertModel", vocab_size=bert_tok.vocab_size).save_pretrained(source)
+    bert_tok.save_pretrained(source)
+    model = make_tiny_bert("BertForSequenceClassification", vocab_size=bert_tok.vocab_size, num_labels=2)
+    seen = []  # the dtype the first query projection computes in while the model trains
+    model.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, args, output: seen.append(output.dtype) if module.training else None)
+    result = finetune(model, "sst2", data=data, out_dir=tmp_path / "ft", progress=False, learning_rate=1e-3,
+                      batch_size=16, epochs=4, precision="bf16", tokenizer=bert_tok)
+    assert set(seen) == {torch.bfloat16}
+    assert result.best_metric >= 0.9 and result.settings["precision"] == "bf16"
+    reloaded = load_pruned(tmp_path / "ft")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+    dev = load_task_dataset("sst2", bert_tok, "dev", data=data)
+    assert evaluate_model(reloaded, dev)["accuracy"] >= 0.9
+
+    teacher_dtypes = []  # a teacher computes in the student's precision too
+    reloaded.bert.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, args, output: teacher_dtypes.append(output.dtype))
+    finetune(source, "sst2", data=data, out_dir=tmp_path / "kd", progress=False, epochs=1, precision="bf16",
+             teacher=reloaded, distill=DistillSettings(hidden_weight=1.0))
+    assert teacher_dtypes and set(teacher_dtypes) == {torch.bfloat16}
+
+    for value, message in (("fp8", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+                           ("fp16", "precision fp16 needs a CUDA GPU; on a CPU use bf16 (fast where the CPU has "
+                                    "AMX) or fp32")):
+        if value == "fp16" and torch.cuda.is_available():
+            continue
+        bad = run_cli(["finetune", source, "--task", "sst2", "--data", data, "--precision", value,
+                       "--out", tmp_path / "bad"], capsys)
+        assert bad.code == 2 and bad.error_lines() == [f"error: {message}"]
+        assert not (tmp_path / "bad").exists()
+
+
 def test_the_public_finetune_stays_a_function_after_its_module_is_imported():
     import ppkit
     import ppkit.training  # noqa: F401 - importing a submodule sets an attribute of the package

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -33,10 +32,11 @@ SHARED = Path(os.environ.get("PPKIT_SHARED_DATA", HERE.parents[1] / "shared" / "
 BATCH = 16
 
 
-def timed_rounds(args, dirs: dict, seconds: dict, stsb: Path, work: Path) -> None:
-    """One short fine-tune per model and precision and round; seconds per optimizer step into ``seconds``."""
+def timed_rounds(args, dirs: dict, stsb: Path, work: Path) -> dict[str, dict[str, list[float]]]:
+    """One short fine-tune per model, precision and round: {model: {precision: seconds per optimizer step}}."""
     from ppkit import finetune
 
+    seconds: dict[str, dict[str, list[float]]] = {m: {"fp32": [], "bf16": []} for m in dirs}
     for r in range(args.rounds):
         for name, model_dir in dirs.items():
             for precision in ("fp32", "bf16"):
@@ -46,6 +46,7 @@ def timed_rounds(args, dirs: dict, seconds: dict, stsb: Path, work: Path) -> Non
                 seconds[name][precision].append(result.epochs[0].train_seconds / args.steps)
                 print(f"round {r + 1}/{args.rounds} {name} {precision}: {seconds[name][precision][-1] * 1000:.0f} ms/step",
                       file=sys.stderr)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,21 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     source = SHARED / "models" / "all-MiniLM-L6-v2"
     stsb = SHARED / "glue" / "STS-B"
-    work = Path(tempfile.mkdtemp(prefix="ppkit-precision-"))
     dense = load_model(str(source), head="sequence-classification", num_labels=1)
     tokenizer = load_tokenizer(str(source))
     plan = uniform_plan(dense, 0.6, seq_len=128)
     plans = {"pruned 0.6": plan, "pruned 0.6, FFN widths x64": align_plan(plan, 64, get_adapter(dense).shape(), 128, 0.6)}
-    dirs = {"dense": source}
-    for i, (name, p) in enumerate(plans.items()):
-        dirs[name] = work / f"pruned{i}"
-        save_pruned(prune_model(copy.deepcopy(dense), p), dirs[name], plan=p, tokenizer=tokenizer)
-
-    seconds: dict[str, dict[str, list[float]]] = {m: {"fp32": [], "bf16": []} for m in dirs}
-    try:
-        timed_rounds(args, dirs, seconds, stsb, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ppkit-precision-") as tmp:
+        work = Path(tmp)
+        dirs = {"dense": source}
+        for i, (name, p) in enumerate(plans.items()):
+            dirs[name] = work / f"pruned{i}"
+            save_pruned(prune_model(copy.deepcopy(dense), p), dirs[name], plan=p, tokenizer=tokenizer)
+        seconds = timed_rounds(args, dirs, stsb, work)
     rows = {}
     for name, t in seconds.items():
         fp32, bf16 = statistics.median(t["fp32"]), statistics.median(t["bf16"])

@@ -178,16 +178,15 @@ INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def cpu_features(wanted: tuple[str, ...]) -> list[str]:
+    """Which of the CPU flags ``wanted`` this CPU has (empty where /proc/cpuinfo is missing)."""
+    flags = set((_cpuinfo("flags") or "").split())
+    return [f for f in wanted if f in flags]
+
+
 def cpu_int8_features() -> list[str]:
-    """Which of :data:`INT8_CPU_FLAGS` this CPU has (empty where /proc/cpuinfo is missing)."""
-    flags = set((_cpuinfo("flags") or "").split())
-    return [f for f in INT8_CPU_FLAGS if f in flags]
-
-
-def cpu_bf16_features() -> list[str]:
-    """Which of :data:`BF16_CPU_FLAGS` this CPU has (empty where /proc/cpuinfo is missing)."""
-    flags = set((_cpuinfo("flags") or "").split())
-    return [f for f in BF16_CPU_FLAGS if f in flags]
+    """Which of :data:`INT8_CPU_FLAGS` this CPU has."""
+    return cpu_features(INT8_CPU_FLAGS)
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
@@ -203,7 +202,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu": cpu,
         "cpu_int8_features": cpu_int8_features(),
-        "cpu_bf16_features": cpu_bf16_features(),
+        "cpu_bf16_features": cpu_features(BF16_CPU_FLAGS),
         "cores_available": available_cores(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

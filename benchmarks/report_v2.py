@@ -19,8 +19,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_report import (PLOTS, README, TASK_NAMES, failed_cells, fmt, load_glue, load_lm, majority_rate,  # noqa: E402
-                         plot_glue, score)
+from grid_cells import (PLOTS, README, TASK_NAMES, failed_cells, fmt, load_glue, load_lm, majority_rate,  # noqa: E402
+                        plot_glue, score)
 from sections import replace_section  # noqa: E402
 from reproduce import LABELS, RECIPE_V2, RESULTS_BY_RECIPE, V2_BUDGETS, grid_v2, is_current  # noqa: E402
 from reproduce_lm import RECIPE_V2 as LM_RECIPE_V2  # noqa: E402

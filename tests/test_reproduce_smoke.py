@@ -287,6 +287,37 @@ def test_v2_report_pairs_strategies_over_tasks_budgets_and_fine_tune_seeds():
     assert "Dual-CP (ours / +CS) vs random: +2.0 points on average over 8 pairs (8 wins, 0 losses)" in rv2.render(rows)
 
 
+def test_v2_facts_in_hand_written_prose_follow_the_grid_and_a_stale_marker_is_an_error(tmp_path):
+    """report_v2 rewrites each <!-- fact:NAME --> span of the READMEs' prose from the JSON cells (so a number
+    quoted in a sentence cannot go stale), leaves the text around it alone, and refuses a marker it cannot fill."""
+    rv2 = _load_bench("report_v2")
+
+    def row(task, strategy, budget, ft, value):
+        return {"cell": f"{task}/{strategy}/{budget}/0/ft{ft}", "task": task, "strategy": strategy, "budget": budget,
+                "seed": 0, "ft_seed": ft, "finetune": {"best_metric": value / 100}}
+
+    rows = [row("stsb", "dense", 1.0, ft, 85.0 + ft) for ft in (0, 1)]
+    rows += [row(t, s, b, 0, 70.0 + (3 if s.startswith("dual-cp-lstsq") else 0) + (1 if s.endswith("-kd") else 0))
+             for t in ("mrpc", "stsb") for b in (0.6, 0.4) for s in ("dual-cp", "dual-cp-lstsq", "dual-cp-kd",
+                                                                     "dual-cp-lstsq-kd")]
+    rows.append(row("stsb", "dual-cp", 0.6, 1, 72.0))
+    values = rv2.facts(rows)
+    assert values["compensation-gain"] == "+3.0 dev points after fine-tuning over 8 paired cells"
+    assert values["teacher-gain"] == "+1.0 points over 8 pairs"
+    assert values["expect-0.6"] == "STS-B: dense 85.5, 71.0 (n=2) / 73.0 / 74.0"
+    assert values["selection-plain"].startswith("random · (fewer than 3 pairs)")
+
+    readme = tmp_path / "README.md"
+    readme.write_text("Compensation adds <!-- fact:compensation-gain -->+9.9 over 1<!-- /fact --> (see below).\n")
+    rv2.write_facts(readme, values)
+    assert readme.read_text() == ("Compensation adds <!-- fact:compensation-gain -->+3.0 dev points after "
+                                  "fine-tuning over 8 paired cells<!-- /fact --> (see below).\n")
+    readme.write_text("<!-- fact:no-such-fact -->old<!-- /fact -->")
+    with pytest.raises(SystemExit, match="unknown generated fact.*no-such-fact"):
+        rv2.write_facts(readme, values)
+    assert readme.read_text() == "<!-- fact:no-such-fact -->old<!-- /fact -->"
+
+
 def test_retraining_free_cell_prunes_a_fine_tuned_source_and_the_report_renders(tmp_path, monkeypatch):
     """benchmarks/retraining_free.py on a tiny fine-tuned regression model: a cell records the dev
     metric, the dense reference and the CPU-time cost ratio, and the report turns cells into a table."""

@@ -4,7 +4,9 @@ Reads ``benchmarks/results/reproduce-v2/*.json`` (written by ``python benchmarks
 writes the section between ``<!-- reproduce-v2:start -->`` and ``<!-- reproduce-v2:end -->``: what is
 done, the recipe each task ran with, the dense scores against the targets of issue 17, one table per
 task (mean ± std over fine-tune seeds; † = closer to the trivial predictor than to dense), and what
-the teacher adds. The cpu-v1 section (``make_report.py``) stays as history.
+the teacher adds. The verdict paragraph also goes into the top-level README, and each
+``<!-- fact:NAME -->...<!-- /fact -->`` span in either README's prose is rewritten from the cells
+(:func:`facts`). The cpu-v1 section (``make_report.py``) stays as history.
 
     python benchmarks/report_v2.py            # write the section
     python benchmarks/report_v2.py --print    # print it instead

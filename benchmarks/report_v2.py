@@ -153,6 +153,18 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
     return "\n".join(out) + "\n"
 
 
+def scores_by_ft_seed(rows: list[dict], task: str, strategy: str, budget: float) -> dict[int, float]:
+    """{fine-tune seed: score} of one table cell (pruning seed 0), for the cells that have a score."""
+    return {r.get("ft_seed", 0): score(r) for r in rows if (r["task"], r["strategy"], r.get("seed", 0)) ==
+            (task, strategy, 0) and round(float(r["budget"]), 2) == budget and score(r) is not None}
+
+
+def dense_scores(rows: list[dict]) -> dict[str, list[float]]:
+    """{task: the dense cells' scores} for every task, empty where no dense cell ran."""
+    return {t: [score(r) for r in rows if r["task"] == t and r["strategy"] == "dense" and score(r) is not None]
+            for t in TASK_NAMES}
+
+
 def issue17_bars(rows: list[dict], failed: set[str]) -> list[str]:
     """Issue 17's two bars for pruned models, generated: does every plan at 0.6 and 0.4 learn (plain
     fine-tuning, and with lstsq, ``ppkit prune``'s default), and is Dual-CP at 0.6 with ``--teacher``
@@ -171,24 +183,19 @@ def issue17_bars(rows: list[dict], failed: set[str]) -> list[str]:
         out.append(f"- {label}: {len(ran) - len(missed)} of {len(ran)} cells run learned"
                    + (f"; did not learn (†): {', '.join(missed)}" if missed else "")
                    + (f"; {len(keys) - len(ran)} not run yet" if len(ran) < len(keys) else "") + ".")
-    dense = {t: [score(r) for r in rows if r["task"] == t and r["strategy"] == "dense"] for t in TASK_NAMES}
-
-    def at_06(task: str, strategy: str) -> dict:
-        return {r.get("ft_seed", 0): score(r) for r in rows if (r["task"], r["strategy"], r.get("seed", 0)) ==
-                (task, strategy, 0) and round(float(r["budget"]), 2) == 0.6 and score(r) is not None}
-
+    dense = dense_scores(rows)
     for student, bases in (("dual-cp-lstsq-kd", ("dual-cp-lstsq", "dual-cp")),
                            ("dual-cp-lstsq-kdh", ("dual-cp-lstsq-kd", "dual-cp-lstsq", "dual-cp"))):
         lines = []
         for t in TASK_NAMES:
-            kd = at_06(t, student)
+            kd = scores_by_ft_seed(rows, t, student, 0.6)
             if not kd or not dense[t]:
                 continue
             gap = statistics.fmean(kd.values()) - statistics.fmean(dense[t])
             text = (f"{TASK_NAMES[t]} {statistics.fmean(kd.values()):.1f} (n={len(kd)}) vs dense "
                     f"{statistics.fmean(dense[t]):.1f}: {gap:+.1f}, {'within' if gap >= -2 else 'not within'} 2 points")
             for base in bases:
-                plain = at_06(t, base)
+                plain = scores_by_ft_seed(rows, t, base, 0.6)
                 seeds = sorted(set(kd) & set(plain))
                 if seeds:
                     text += f"; vs {LABELS[base]} {statistics.fmean(kd[s] - plain[s] for s in seeds):+.1f} (seeds {seeds})"
@@ -344,8 +351,7 @@ FACT = re.compile(r"<!-- fact:(?P<name>[a-z0-9-]+) -->.*?<!-- /fact -->", re.S)
 
 def _mean_n(rows: list[dict], task: str, strategy: str, budget: float) -> str:
     """"83.9 (n=3)": the mean over fine-tune seeds (pruning seed 0), or "·" where none ran."""
-    vals = [score(r) for r in rows if (r["task"], r["strategy"], r.get("seed", 0)) == (task, strategy, 0)
-            and round(float(r["budget"]), 2) == budget and score(r) is not None]
+    vals = list(scores_by_ft_seed(rows, task, strategy, budget).values())
     if not vals:
         return "·"
     return f"{statistics.fmean(vals):.1f}" + (f" (n={len(vals)})" if len(vals) > 1 else "")
@@ -369,8 +375,7 @@ def facts(rows: list[dict]) -> dict[str, str]:
         out[name] = "; ".join(
             f"{LABELS[b + base] if base else LABELS[b]} " + test(((f"dual-cp{base}", b + base),), _summary)
             for b in ("random", "kcm", "worst"))
-    dense = {t: [score(r) for r in rows if r["task"] == t and r["strategy"] == "dense" and score(r) is not None]
-             for t in TASK_NAMES}
+    dense = dense_scores(rows)
     out["expect-0.6"] = "; ".join(
         f"{TASK_NAMES[t]}: dense {statistics.fmean(dense[t]):.1f}, " + " / ".join(
             _mean_n(rows, t, s, 0.6) for s in ("dual-cp", "dual-cp-lstsq", "dual-cp-lstsq-kd"))

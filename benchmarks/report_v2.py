@@ -144,8 +144,7 @@ def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
     if gains:
         out += ["What `--teacher` adds to Dual-CP (same fine-tune seeds, points): " + "; ".join(gains) + ".", ""]
     tests = [(a, b, paired(rows, a, b)) for a, b in PAIRS]
-    lines = [f"- {LABELS[a]} vs {LABELS[b]}: {t['mean']:+.1f} points on average over {t['n']} pairs "
-             f"({t['wins']}–{t['losses']} wins–losses), Wilcoxon p = {t['p']:.2g}" for a, b, t in tests if t]
+    lines = [f"- {LABELS[a]} vs {LABELS[b]}: {_summary(t)}" for a, b, t in tests if t]
     out += ["Paired comparisons (two-sided Wilcoxon signed-rank test over every task × budget × fine-tune seed "
             "both strategies ran, pruning seed 0):", ""] + (lines or ["- fewer than 3 pairs so far for every comparison"]) + [""]
     out += render_lm(lm_rows)

@@ -284,7 +284,7 @@ def test_v2_report_pairs_strategies_over_tasks_budgets_and_fine_tune_seeds():
     assert (t["n"], t["wins"], t["losses"]) == (8, 8, 0) and abs(t["mean"] - 2.0) < 1e-9
     assert t["p"] < 0.01  # 8 of 8 the same way: exact two-sided p = 2 / 2^8
     assert rv2.paired(rows, "dual-cp", "kcm") is None
-    assert "Dual-CP (ours / +CS) vs random: +2.0 points on average over 8 pairs (8–0 wins–losses)" in rv2.render(rows)
+    assert "Dual-CP (ours / +CS) vs random: +2.0 points over 8 pairs (8–0, p = 0.0078)" in rv2.render(rows)
 
 
 def test_v2_facts_in_hand_written_prose_follow_the_grid_and_a_stale_marker_is_an_error(tmp_path):

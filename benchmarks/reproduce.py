@@ -13,10 +13,13 @@ budget, seed) the pipeline is exactly the library's:
 
 Strategies: ``dense`` (no pruning, budget 1.0), ``dual-cp`` (= the paper's "Ours" and Table 2 "+CS"),
 ``dual-cp-mc`` (Table 2 "+MC": Dual-CP's clusters, a random member kept per cluster), ``kcm``,
-``random`` (3 seeds) and ``worst``. The CPU recipe (``RECIPE``) is recorded in every result.
+``random`` and ``worst``, plus the steps beyond the paper (``-lstsq``: ``--compensate lstsq``; ``-kd``:
+``--teacher``). The CPU recipe (``RECIPE``, ``cpu-v2``; ``--recipe cpu-v1`` is the first grid, kept as
+history) is recorded in every result.
 
-Each finished cell is one small JSON file under ``benchmarks/results/reproduce/``; a rerun skips it
-unless the part of ``RECIPE`` that concerns its task has changed since (then it is recomputed).
+Each finished cell is one small JSON file under ``benchmarks/results/reproduce-v2/`` (cpu-v1:
+``reproduce/``); a rerun skips it unless the part of the recipe that concerns its task has changed
+since (then it is recomputed).
 Pruned and fine-tuned weights go to a cache directory outside the repo (``~/.cache/ppkit-bench`` or
 ``$PPKIT_BENCH_CACHE``) and are deleted after the cell (``--keep-models`` keeps them).
 
@@ -26,7 +29,8 @@ Pruned and fine-tuned weights go to a cache directory outside the repo (``~/.cac
     python benchmarks/reproduce.py --recompute mrpc/kcm/0.3/0        # recompute one cell, run the rest
     python benchmarks/reproduce.py --list                            # show the grid and what is done
     python benchmarks/reproduce.py & python benchmarks/reproduce.py  # two runners share the grid (cell locks)
-    python benchmarks/make_report.py                                 # tables + plots into README.md
+    python benchmarks/report_v2.py                                   # cpu-v2 tables, verdict, plot into the READMEs
+    python benchmarks/make_report.py                                 # the same for cpu-v1 (history)
 
 Run a long grid from its own checkout (``git worktree add ../ppkit-runner`` and ``PYTHONPATH`` set to it):
 parts of ppkit are imported only when a cell is written, so editing the working tree under a running

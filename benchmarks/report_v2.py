@@ -332,7 +332,12 @@ def remaining_time(rows: list[dict], todo: list) -> str:
     if None in walls:
         return ""
     total = sum(walls) / 3600
-    return f", about {total:.0f} h of one-thread cell time at the speed of {cpu} where measured ({total / 2:.0f} h as two runners)"
+
+    def hours(h: float) -> str:  # one decimal below 10 h, so the two figures stay consistent near the end
+        return f"{h:.1f}" if h < 10 else f"{h:.0f}"
+
+    return (f", about {hours(total)} h of one-thread cell time at the speed of {cpu} where measured "
+            f"({hours(total / 2)} h as two runners)")
 
 
 def _cpu(r: dict) -> str:

@@ -391,7 +391,8 @@ def test_v2_status_prices_the_remaining_cells_by_task_and_teacher_on_the_latest_
             row("rte/dual-cp-kd/0.6/0", 5400, "new", "2026-02-02")]
     todo = [rp.Cell.parse(c) for c in ("rte/random/0.6/0", "rte/random-lstsq-kd/0.4/0")]
     # plain cell: 0.5 h (the new CPU's plain RTE cell, not the old one's); teacher cell: 1.5 h
-    assert rv2.remaining_time(rows, todo).startswith(", about 2 h of one-thread cell time at the speed of new")
+    assert rv2.remaining_time(rows, todo) == (", about 2.0 h of one-thread cell time at the speed of new where "
+                                              "measured (1.0 h as two runners)")
     assert rv2.remaining_time(rows, [rp.Cell.parse("mrpc/random/0.6/0")]) == ""  # nothing comparable ran
 
 

@@ -379,6 +379,17 @@ def test_v2_verdict_names_the_best_strategy_and_recommends_a_default_only_on_a_s
             "lstsq + --teacher): +3.0 points over 4 pairs (4–0, p = 0.12), no significant gain") in text
 
 
+def test_v2_verdict_is_provisional_until_every_cell_is_in():
+    rv2 = _load_bench("report_v2")
+    finetune = {"best_metric": 0.8, "settings": {}, "train_seconds": 60.0, "epochs": [{}]}
+    rows = [{"cell": c.id, "task": c.task, "strategy": c.strategy, "budget": c.budget, "seed": c.seed,
+             "ft_seed": c.ft_seed, "finetune": finetune} for c in rv2.grid_v2()]
+    assert rv2.verdict(rows).startswith(f"All {len(rows)} cells of the grid.")
+    assert "**Verdict.** All" in rv2.render(rows)
+    assert rv2.verdict(rows[1:]).startswith(f"{len(rows) - 1} of {len(rows)} cells, so every statement is provisional.")
+    assert "**Verdict so far.**" in rv2.render(rows[1:])
+
+
 def test_v2_status_prices_the_remaining_cells_by_task_and_teacher_on_the_latest_cpu():
     rv2, rp = _load_bench("report_v2"), _load_bench("reproduce")
 

@@ -357,7 +357,7 @@ def _epoch_seconds(r: dict) -> float:
 
 
 #: a generated phrase inside hand-written prose: <!-- fact:NAME -->text<!-- /fact -->
-FACT = re.compile(r"<!-- fact:(?P<name>[a-z0-9-]+) -->.*?<!-- /fact -->", re.S)
+FACT = re.compile(r"<!-- fact:(?P<name>[^\s>]+) -->.*?<!-- /fact -->", re.S)
 
 
 def _mean_n(rows: list[dict], task: str, strategy: str, budget: float) -> str:
@@ -398,6 +398,8 @@ def write_facts(path: Path, values: dict[str, str]) -> None:
     """Replace every ``<!-- fact:NAME -->...<!-- /fact -->`` span of ``path`` with ``values[NAME]``; a
     name that :func:`facts` does not produce is an error (a stale marker would silently keep old text)."""
     text = path.read_text(encoding="utf-8")
+    if text.count("<!-- fact:") != len(FACT.findall(text)):
+        raise SystemExit(f"{path}: a '<!-- fact:NAME -->' marker without its '<!-- /fact -->' (or a malformed one)")
     unknown = sorted({m["name"] for m in FACT.finditer(text)} - set(values))
     if unknown:
         raise SystemExit(f"{path}: unknown generated fact(s) {', '.join(unknown)}; facts are {', '.join(values)}")

@@ -312,6 +312,13 @@ def test_v2_facts_in_hand_written_prose_follow_the_grid_and_a_stale_marker_is_an
     rv2.write_facts(readme, values)
     assert readme.read_text() == ("Compensation adds <!-- fact:compensation-gain -->+3.0 dev points after "
                                   "fine-tuning over 8 paired cells<!-- /fact --> (see below).\n")
+    # every fact the report produces is written, whatever its name holds ("expect-0.6" has a dot)
+    readme.write_text("".join(f"<!-- fact:{name} -->stale<!-- /fact -->\n" for name in values))
+    rv2.write_facts(readme, values)
+    assert readme.read_text() == "".join(f"<!-- fact:{n} -->{v}<!-- /fact -->\n" for n, v in values.items())
+    readme.write_text("<!-- fact:expect-0.6 -->no closing marker")
+    with pytest.raises(SystemExit, match="without its"):
+        rv2.write_facts(readme, values)
     readme.write_text("<!-- fact:no-such-fact -->old<!-- /fact -->")
     with pytest.raises(SystemExit, match="unknown generated fact.*no-such-fact"):
         rv2.write_facts(readme, values)

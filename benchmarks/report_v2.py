@@ -78,10 +78,15 @@ def render_lm(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
+def todo_cells(rows: list[dict]) -> list:
+    """The grid's cells (in run order) that ``rows`` do not hold yet."""
+    done = {r["cell"] for r in rows}
+    return [c for c in grid_v2() if c.id not in done]
+
+
 def render(rows: list[dict], lm_rows: list[dict] = ()) -> str:
     expected = grid_v2()
-    done = {r["cell"] for r in rows}
-    todo = [c for c in expected if c.id not in done]
+    todo = todo_cells(rows)
     failed = failed_cells(rows)
     cpu_h = sum((r.get("finetune") or {}).get("cpu_seconds", 0.0) for r in rows) / 3600
     wall_h = sum(r.get("wall_seconds", 0.0) for r in rows) / 3600
@@ -217,10 +222,9 @@ def verdict(rows: list[dict], lm_rows: list[dict] = ()) -> str:
             by[(r["task"], r["strategy"], round(float(r["budget"]), 2))].append(score(r))
     mean = {k: statistics.fmean(v) for k, v in by.items()}
     tasks = [t for t in TASK_NAMES if (t, "dense", 1.0) in mean]
-    expected = grid_v2()
-    missing = len({c.id for c in expected} - {r["cell"] for r in rows})
-    parts = [f"{len(rows)} of {len(expected)} cells, so every statement is provisional." if missing
-             else f"All {len(expected)} cells of the grid."]
+    n_cells = len(grid_v2())
+    parts = [f"{len(rows)} of {n_cells} cells, so every statement is provisional." if todo_cells(rows)
+             else f"All {n_cells} cells of the grid."]
     if tasks:
         met = [t for t in tasks if mean[(t, "dense", 1.0)] >= DENSE_TARGETS[t]]
         parts.append("Dense: " + ", ".join(f"{TASK_NAMES[t]} {mean[(t, 'dense', 1.0)]:.1f}" for t in tasks)

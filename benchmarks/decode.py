@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         import torch
 
-        from ppkit.bench import machine_info
+        from ppkit.machine import machine_info
         from ppkit.decode_bench import decode_throughput
 
         torch.set_num_threads(args.threads)

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = results_path(args.device, args.label)
     if not args.report:
-        from ppkit.bench import machine_info
+        from ppkit.machine import machine_info
 
         t0 = time.time()
         shapes = args.shapes.split(",")

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ppkit.adapters import get_adapter
     from ppkit.align import align_plan
-    from ppkit.bench import machine_info
+    from ppkit.machine import machine_info
     from ppkit.models import load_model, load_tokenizer
     from ppkit.saving import save_pruned
     from ppkit.surgery import prune_model

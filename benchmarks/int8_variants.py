@@ -103,7 +103,8 @@ def measure() -> None:
     import onnxruntime as ort
     from deploy import _stsb_dir, minilm_models
 
-    from ppkit.bench import _ort_runner, evaluate_quality, machine_info, make_inputs, time_interleaved
+    from ppkit.bench import _ort_runner, evaluate_quality, make_inputs, time_interleaved
+    from ppkit.machine import machine_info
     from ppkit.data.calibration import calibration_batches
     from ppkit.export import export_onnx
 

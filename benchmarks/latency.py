@@ -371,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_results(results, args.out.with_suffix(".png"))
         return 0
 
-    from ppkit.bench import machine_info
-    from ppkit.export import available_cores
+    from ppkit.machine import available_cores, machine_info
     from ppkit.report import write_json
 
     if args.quick:

@@ -362,7 +362,7 @@ def embedding_fidelity(pruned, task: str, n: int, model_path: Path = MINILM) -> 
 
 
 def machine() -> dict[str, Any]:
-    from ppkit.bench import cpu_name
+    from ppkit.machine import cpu_name
 
     return {"cpu": cpu_name(), "cpus_visible": os.cpu_count(), "platform": platform.platform()}
 

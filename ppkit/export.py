@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError, InputError, ModelLoadError, OutputError
+from .machine import available_cores
 from .models import head_from_config, infer_head
 
 log = logging.getLogger(__name__)
@@ -611,11 +612,3 @@ def ort_session(
     else:
         providers = ["CPUExecutionProvider"]
     return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def available_cores() -> int:
-    """Number of CPU cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)

@@ -45,14 +45,26 @@ def quiet_transformers() -> Iterator[None]:
     """
     from transformers.utils import logging as hf_logging
 
-    enabled = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:
+        with no_transformers_bars():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars (e.g. "Writing model shards" at every Trainer checkpoint),
+    which would interleave with ppkit's progress; its warnings still show."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 

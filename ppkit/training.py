@@ -32,6 +32,7 @@ from torch import nn
 from ppkit.data import TaskDataset, load_task_dataset, pad_token_id, postprocess_qa
 from ppkit.errors import InputError
 from ppkit.metrics import compute_task_metrics, model_max_positions
+from ppkit.models import no_transformers_bars
 from ppkit.tasks import TaskSpec, get_task
 
 if TYPE_CHECKING:
@@ -464,10 +465,11 @@ def finetune(
 
     initial = None
     try:
-        if eval_before:
-            initial = _clean_metrics(trainer.evaluate())
-            _add_perplexity(spec, initial)
-        trainer.train()
+        with no_transformers_bars():
+            if eval_before:
+                initial = _clean_metrics(trainer.evaluate())
+                _add_perplexity(spec, initial)
+            trainer.train()
     except BaseException:
         if args.process_index == 0 and checkpoint_dir is None:
             shutil.rmtree(ckpt, ignore_errors=True)

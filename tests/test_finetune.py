@@ -67,14 +67,16 @@ def test_finetune_improves_real_minilm_on_sst2(tmp_path, minilm_path, shared_dat
     assert evaluate_model(reloaded, dev)["accuracy"] == pytest.approx(after)
 
 
-def test_lm_finetune_keeps_the_lowest_loss_epoch(tmp_path, shared_data):
+def test_lm_finetune_keeps_the_lowest_loss_epoch(tmp_path, shared_data, capsys):
     from conftest import tiny_lm_on_ptb
 
     tok, data, model_dir = tiny_lm_on_ptb(tmp_path, shared_data)
 
     out = tmp_path / "out"
+    capsys.readouterr()
     result = finetune(model_dir, "ptb", data=data, out_dir=out, epochs=2, batch_size=8, learning_rate=3e-3,
                       max_length=32, seed=0, eval_before=True, progress=False)
+    assert "Writing model shards" not in capsys.readouterr().err  # no transformers bar per checkpoint
     losses = [r.metrics["loss"] for r in result.epochs]
     assert result.metric == "loss" and result.best_metric == min(losses)
     assert result.best_epoch == 1 + losses.index(min(losses))
@@ -92,9 +94,12 @@ def test_lm_finetune_keeps_the_lowest_loss_epoch(tmp_path, shared_data):
 def test_qa_finetune_scores_with_squad_metrics(tmp_path, shared_data, bert_tok, capsys):
     model_dir = _tiny_bert_dir(tmp_path / "bert", bert_tok, max_position_embeddings=128)
     squad = shared_data / "squad" / "dev-v1.1.json"  # one file serves as train and dev
+    capsys.readouterr()
     result = finetune(model_dir, "squad", data=squad, out_dir=tmp_path / "out", epochs=1, batch_size=8,
                       learning_rate=1e-3, max_length=128, train_limit=12, eval_limit=6, progress=True)
-    assert capsys.readouterr().out == ""  # progress bars go to stderr, logs to logging
+    printed = capsys.readouterr()
+    assert printed.out == ""  # progress bars go to stderr, logs to logging
+    assert "epoch 1/1" in printed.err and "Writing model shards" not in printed.err
     assert result.metric == "f1" and set(result.best_metrics) >= {"loss", "exact_match", "f1"}
     from ppkit.models import load_model
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -125,8 +126,9 @@ def run(cell: tuple) -> dict:
     if task not in _DENSE:
         from ppkit.models import load_model, load_tokenizer
 
-        _DENSE[task] = {"dev": dev_score(load_model(src, head="sequence-classification"), load_tokenizer(src), task),
-                        "forward_cpu_seconds": forward_seconds(task)}
+        dense_dev = dev_score(load_model(src, head="sequence-classification"), load_tokenizer(src), task)
+        check_same_source(task, dense_dev)
+        _DENSE[task] = {"dev": dense_dev, "forward_cpu_seconds": forward_seconds(task)}
     out["dense"] = _DENSE[task]
     t0, cpu0 = time.perf_counter(), time.process_time()
     try:
@@ -148,6 +150,24 @@ def run(cell: tuple) -> dict:
 
 
 _DENSE: dict[str, dict] = {}
+
+
+def check_same_source(task: str, dense_dev: dict[str, float]) -> None:
+    """Stop before mixing source models: on a fresh machine the dense fine-tuned model is fine-tuned
+    again, and on another CPU that can give other weights; cells pruned from it would then be compared
+    with cells pruned from the first one. Scores within 1e-4 count as the same model: the same weights
+    score a few 1e-7 apart on an Intel and an AMD CPU (STS-B's Spearman here)."""
+    for path in sorted(RESULTS.glob(f"{task}__*.json")):
+        done = json.loads(path.read_text(encoding="utf-8"))["dense"]["dev"]
+        if any(not abs(done[k] - dense_dev.get(k, math.nan)) <= 1e-4 for k in done if k != "loss"):
+            raise SystemExit(f"the dense {task} model here scores {_fmt(dense_dev)} on dev, but the cells already "
+                             f"in {RESULTS.name}/ were pruned from one scoring {_fmt(done)} (e.g. {path.name}): "
+                             "restore that model in the cache, or move the old cells aside to start the task over")
+        return
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()) if k != "loss")
 
 
 def main_run(args) -> None:

@@ -339,6 +339,9 @@ def test_retraining_free_cell_prunes_a_fine_tuned_source_and_the_report_renders(
     monkeypatch.setattr(rf, "source", lambda task: source)
     monkeypatch.setattr(rf, "SAMPLES", 32)
     monkeypatch.setattr(rf, "PLOT", tmp_path / "rf.png")
+    monkeypatch.setattr(rf, "RESULTS", tmp_path / "cells")
+    monkeypatch.setattr(rf, "_DENSE", {})
+    (tmp_path / "cells").mkdir()
 
     rows = [rf.run(("stsb", "fisher", 0.6, 0, "lstsq-seq")), rf.run(("stsb", "random", 0.6, 0, "none"))]
     for r in rows:
@@ -347,6 +350,17 @@ def test_retraining_free_cell_prunes_a_fine_tuned_source_and_the_report_renders(
     assert rows[0]["compensation_report"]["method"] == "lstsq-seq" and rows[1]["compensation_report"]["method"] == "none"
     text = rf.render(rows)
     assert "| fisher | lstsq-seq |" in text and "| random | none |" in text and (tmp_path / "rf.png").is_file()
+
+    # resuming with a source model that is not the one the finished cells were pruned from stops at once
+    (tmp_path / "cells" / "stsb__random__0.6__s0__none.json").write_text(json.dumps(rows[1]))
+    monkeypatch.setattr(rf, "_DENSE", {})
+    rf.run(("stsb", "random", 0.4, 0, "none"))  # same source: runs
+    other = {**rows[1], "dense": {**rows[1]["dense"], "dev": {**rows[1]["dense"]["dev"],
+                                                      "spearman": rows[1]["dense"]["dev"]["spearman"] + 0.01}}}
+    (tmp_path / "cells" / "stsb__random__0.6__s0__none.json").write_text(json.dumps(other))
+    monkeypatch.setattr(rf, "_DENSE", {})
+    with pytest.raises(SystemExit, match="the dense stsb model here scores .* on dev, but the cells already"):
+        rf.run(("stsb", "random", 0.4, 0, "none"))
 
 
 def test_v2_verdict_names_the_best_strategy_and_recommends_a_default_only_on_a_significant_gain():

@@ -27,8 +27,8 @@ app = typer.Typer(
     name="ppkit",
     help=(
         "P-pruning for pre-trained language models: prune attention heads and FFN neurons of a "
-        "pre-trained BERT-family model (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT) or GPT-2 before fine-tuning, "
-        "without labels, under a FLOPs budget.\n\n"
+        "pre-trained BERT-family model (BERT, RoBERTa, XLM-R, ELECTRA, DistilBERT), GPT-2 or a Llama-style "
+        "decoder (Llama, Qwen2, Mistral) before fine-tuning, without labels, under a FLOPs budget.\n\n"
         "Typical flow: [bold]ppkit prune[/] -> [bold]ppkit finetune[/] -> [bold]ppkit export --onnx[/] -> [bold]ppkit bench[/]."
     ),
     no_args_is_help=True,

@@ -202,6 +202,7 @@ def finetune(
     distill_hidden: float = typer.Option(0.0, "--distill-hidden", help="With --teacher: weight of the layer-to-layer hidden-state MSE (0: off)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (on a shared machine 1 per process is often fastest)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or mixed precision: bf16 (GPUs that have it, and CPUs: 0.64x the fp32 step time for MiniLM on an AMX Xeon) or fp16 (CUDA only). Weights stay and are saved in fp32."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout probability of every dropout layer (embeddings, attention, hidden, classifier) while fine-tuning, in [0, 1). Default: the checkpoint's (0.1 for BERT and GPT-2)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Max tokens per example (default: the task's)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, head initialisation and subsets."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Use a seeded random subset of this many training examples."),
@@ -234,7 +235,7 @@ def finetune(
         max_length=max_length, seed=seed, train_limit=train_limit, eval_limit=eval_limit,
         progress=not quiet, overwrite=overwrite, allow_pickle=allow_pickle, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, min_steps=min_steps, pooling=pooling, init_head_bias=head_init,
-        threads=threads, teacher=teacher, distill=distill, precision=precision,
+        threads=threads, teacher=teacher, distill=distill, precision=precision, dropout=dropout,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return

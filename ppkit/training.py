@@ -239,6 +239,25 @@ def init_head(model: nn.Module, train_ds: TaskDataset) -> dict[str, Any] | None:
     return {"bias": "log class prior", "value": [float(v) for v in np.log(prior)]}
 
 
+#: config fields that hold a dropout probability, across the families ppkit loads
+_DROPOUT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "attn_pdrop",
+                   "resid_pdrop", "embd_pdrop", "summary_first_dropout", "attention_dropout", "dropout",
+                   "seq_classif_dropout", "qa_dropout")
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout of ``model`` (embeddings, attention, hidden, classifier) to ``p``, and its config
+    to match so the saved model records it. Fields left unset in the config (None) stay unset."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style: a float, not a module
+            module.attention_dropout = p
+    for name in _DROPOUT_FIELDS:
+        if isinstance(getattr(model.config, name, None), (int, float)):
+            setattr(model.config, name, p)
+
+
 def _check_settings(**values: Any) -> None:
     """One clear error for a bad fine-tuning setting, before any work (None means: the default)."""
     checks = {
@@ -249,6 +268,7 @@ def _check_settings(**values: Any) -> None:
         "learning_rate": (lambda v: v > 0, "positive"),
         "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
         "weight_decay": (lambda v: v >= 0, "zero or positive"),
+        "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     }
     for name, value in values.items():
         ok, what = checks[name]
@@ -373,6 +393,7 @@ def finetune(
     teacher: str | Path | nn.Module | None = None,
     distill: DistillSettings | None = None,
     precision: str = "fp32",
+    dropout: float | None = None,
 ) -> FinetuneResult:
     """Fine-tune a pre-trained or pruned model on ``task`` and write the best epoch's model to ``out_dir``.
 
@@ -388,6 +409,7 @@ def finetune(
     language model) turns on distillation with ``distill`` (:class:`ppkit.distill.DistillSettings`). ``batch_size`` is global (divided by
     the number of torchrun processes). ``precision`` "bf16" / "fp16" trains with mixed-precision autocast
     (fp32 master weights, saved in fp32); fp16 needs a CUDA GPU, bf16 runs on CPUs too (fast on AMX).
+    ``dropout`` sets every dropout probability of the model (None: the checkpoint's, 0.1 for BERT).
     ``train_limit`` / ``eval_limit`` keep a seeded random subset of the train split / the first N dev
     examples for quick runs. The dev split is evaluated after every epoch and the best epoch by the
     task metric (loss for LM) is kept. Rank 0 writes ``out_dir`` atomically (model, tokenizer,
@@ -407,7 +429,7 @@ def finetune(
 
     spec = get_task(task)
     _check_settings(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
-                    weight_decay=weight_decay, min_steps=min_steps, threads=threads)
+                    weight_decay=weight_decay, min_steps=min_steps, threads=threads, dropout=dropout)
     _check_precision(precision)
     out = Path(out_dir).absolute()
     _check_output(out, overwrite)
@@ -419,6 +441,8 @@ def finetune(
     start = time.perf_counter()
     set_seed(seed)  # the fresh task head is initialised from this seed
     model, tokenizer, plan, fresh_head = _load(model_or_dir, spec, tokenizer, allow_pickle, pooling)
+    if dropout is not None:
+        set_dropout(model, dropout)
     max_pos = model_max_positions(model)
     teacher_model = load_teacher(teacher, model, spec, allow_pickle) if teacher is not None else None
 
@@ -494,7 +518,7 @@ def finetune(
         "learning_rate": recipe.learning_rate, "weight_decay": recipe.weight_decay,
         "warmup_ratio": recipe.warmup_ratio, "recipe": recipe.name, "head_init": head_init,
         "pooling": getattr(model.config, "ppkit_pooling", None), "threads": torch.get_num_threads(),
-        "precision": precision,
+        "precision": precision, "dropout": dropout,
         "teacher": None if teacher is None else (str(teacher) if not isinstance(teacher, nn.Module)
                                                  else type(teacher).__name__),
         "distill": None if teacher is None else (distill or DistillSettings()).to_dict(),

@@ -34,10 +34,38 @@ def test_arguments_are_checked_before_any_work(tmp_path, minilm_path):
         finetune(minilm_path, "sst2", out_dir=tmp_path / "out", data=tmp_path)
     with pytest.raises(InputError, match="epochs"):
         finetune(minilm_path, "sst2", out_dir=tmp_path / "new", epochs=0)
+    with pytest.raises(InputError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        finetune(minilm_path, "sst2", out_dir=tmp_path / "new", dropout=1.0)
     from conftest import make_tiny_bert
 
     with pytest.raises(InputError, match="sequence-classification head"):
         finetune(make_tiny_bert("BertModel"), "sst2", out_dir=tmp_path / "new", tokenizer=object())
+
+
+@pytest.mark.parametrize("family,cls_name", [("bert", "BertForSequenceClassification"), ("gpt2", "GPT2LMHeadModel"),
+                                             ("llama", "LlamaForCausalLM"), ("distilbert", "DistilBertModel")])
+def test_set_dropout_reaches_every_dropout_of_a_pruned_model(family, cls_name):
+    """--dropout: 0 makes a pruned model in train mode deterministic, 0.5 makes it random, and the
+    config (saved with the fine-tuned model) says so."""
+    from conftest import make_tiny, plan_for
+
+    from ppkit.surgery import prune_model
+    from ppkit.training import set_dropout
+
+    model = make_tiny(family, cls_name)
+    model = prune_model(model, plan_for(model)).train()
+    ids = torch.randint(0, 90, (2, 9))
+
+    def twice() -> tuple[torch.Tensor, torch.Tensor]:
+        out = [model(input_ids=ids) for _ in range(2)]
+        return tuple(o.logits if hasattr(o, "logits") else o.last_hidden_state for o in out)
+
+    set_dropout(model, 0.5)
+    assert not torch.equal(*twice())
+    set_dropout(model, 0.0)
+    assert torch.equal(*twice())
+    fields = [v for k, v in model.config.to_dict().items() if "drop" in k and isinstance(v, float)]
+    assert fields and all(v == 0.0 for v in fields)
 
 
 @pytest.mark.slow
@@ -96,11 +124,14 @@ def test_qa_finetune_scores_with_squad_metrics(tmp_path, shared_data, bert_tok, 
     squad = shared_data / "squad" / "dev-v1.1.json"  # one file serves as train and dev
     capsys.readouterr()
     result = finetune(model_dir, "squad", data=squad, out_dir=tmp_path / "out", epochs=1, batch_size=8,
-                      learning_rate=1e-3, max_length=128, train_limit=12, eval_limit=6, progress=True)
+                      learning_rate=1e-3, max_length=128, train_limit=12, eval_limit=6, progress=True, dropout=0.0)
     printed = capsys.readouterr()
     assert printed.out == ""  # progress bars go to stderr, logs to logging
     assert "epoch 1/1" in printed.err and "Writing model shards" not in printed.err
     assert result.metric == "f1" and set(result.best_metrics) >= {"loss", "exact_match", "f1"}
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == saved["attention_probs_dropout_prob"] == 0.0
+    assert json.loads((tmp_path / "out" / "finetune.json").read_text())["settings"]["dropout"] == 0.0
     from ppkit.models import load_model
 
     reloaded = load_model(tmp_path / "out", head="question-answering")

@@ -157,13 +157,14 @@ def check_same_source(task: str, dense_dev: dict[str, float]) -> None:
     again, and on another CPU that can give other weights; cells pruned from it would then be compared
     with cells pruned from the first one. Scores within 1e-4 count as the same model: the same weights
     score a few 1e-7 apart on an Intel and an AMD CPU (STS-B's Spearman here)."""
-    for path in sorted(RESULTS.glob(f"{task}__*.json")):
-        done = json.loads(path.read_text(encoding="utf-8"))["dense"]["dev"]
-        if any(not abs(done[k] - dense_dev.get(k, math.nan)) <= 1e-4 for k in done if k != "loss"):
-            raise SystemExit(f"the dense {task} model here scores {_fmt(dense_dev)} on dev, but the cells already "
-                             f"in {RESULTS.name}/ were pruned from one scoring {_fmt(done)} (e.g. {path.name}): "
-                             "restore that model in the cache, or move the old cells aside to start the task over")
+    path = min(RESULTS.glob(f"{task}__*.json"), default=None)  # every finished cell records the same source
+    if path is None:
         return
+    done = json.loads(path.read_text(encoding="utf-8"))["dense"]["dev"]
+    if any(not abs(done[k] - dense_dev.get(k, math.nan)) <= 1e-4 for k in done if k != "loss"):
+        raise SystemExit(f"the dense {task} model here scores {_fmt(dense_dev)} on dev, but the cells already "
+                         f"in {RESULTS.name}/ were pruned from one scoring {_fmt(done)} (e.g. {path.name}): "
+                         "restore that model in the cache, or move the old cells aside to start the task over")
 
 
 def _fmt(metrics: dict[str, float]) -> str:
